@@ -86,7 +86,9 @@ def run_hf(model, ids: list[int], n: int) -> tuple[float, float, list[int]]:
     gc = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=0, eos_token_id=None, pad_token_id=0)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), generation_config=gc, logits_processor=LogitsProcessorList([stamp]))
+        prompt = torch.tensor([ids])
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gc,
+                             logits_processor=LogitsProcessorList([stamp]))
     gaps = [b - a for a, b in zip(stamp.t, stamp.t[1:])]
     return stamp.t[0] - t0, statistics.median(gaps), out[0, len(ids):].tolist()
 

@@ -32,7 +32,8 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
     gc = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), generation_config=gc)
+        prompt = torch.tensor([ids])
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gc)
     return out[0, len(ids):].tolist()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .spm import train_sentencepiece
+from .spm import LLAMA_TOKENIZER_CONFIG, train_sentencepiece
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '</s>\\n' }}"
@@ -64,17 +64,8 @@ def make_llama(folder: Path, *, seed: int = 0, scale: float = 0.25, shard_size: 
         (folder / "tokenizer.model").write_bytes((spm_dir / "tokenizer.model").read_bytes())
     else:
         train_sentencepiece(folder)
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "legacy": False,
-        "add_prefix_space": True,
-        "chat_template": CHAT_TEMPLATE,
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({**LLAMA_TOKENIZER_CONFIG, "chat_template": CHAT_TEMPLATE}))
     return folder
 
 

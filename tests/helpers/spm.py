@@ -45,6 +45,24 @@ def _corpus(lines: int, seed: int = 0) -> list[str]:
     return out
 
 
+# transformers 5 builds a LlamaTokenizer only when the config names the class (as real Llama folders
+# do); without it, AutoTokenizer falls back to a generic tokenizer that drops sentencepiece's "▁"
+# dummy prefix altogether. `legacy: false` (also transformers 5's default) puts the prefix on the
+# first piece of text only, not after each special token. `clean_up_tokenization_spaces: false`
+# keeps decode from deleting spaces before punctuation. No option makes transformers prepend "▁" to
+# text that already starts with a space, as plain sentencepiece does; meshllm follows transformers.
+LLAMA_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "legacy": False,
+    "clean_up_tokenization_spaces": False,
+}
+
+
 def train_sentencepiece(path: Path, vocab_size: int = 512) -> Path:
     """Train a byte-fallback BPE model into folder `path` and return the `tokenizer.model` path."""
     path = Path(path)
