@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -66,9 +67,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: the checkpoint's; float32 for GGUF)")
     g.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch compute threads")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, ids and timings")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--local-devices", type=_positive_int, metavar="N",
+                       help="start N device processes on 127.0.0.1, split the model over them, stop them after")
+    where.add_argument("--devices", metavar="HOST:PORT,...", help="use running `meshllm join` daemons")
+    g.add_argument("--secret", help="the mesh secret for --devices (default: $MESHLLM_SECRET)")
+    g.add_argument("--split", metavar="W,W,...", help="capability weights per device for an uneven split "
+                                                     "(default: what each device advertises)")
+    g.add_argument("--pin", action="store_true", help="with --local-devices: pin device i to core i")
     g.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
     g.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     g.set_defaults(func=_cmd_generate)
+
+    j = sub.add_parser("join", help="run a device daemon", description="Run a device: serve shards to meshes "
+                       "that know the secret. Prints 'meshllm-device ready NAME HOST:PORT' on stdout when ready.")
+    j.add_argument("--secret", help="the mesh secret (default: $MESHLLM_SECRET)")
+    j.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    j.add_argument("--port", type=_nonneg_int, default=7340, help="TCP port (0: any free port)")
+    j.add_argument("--name", help="this device's name (default: random)")
+    j.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch compute threads")
+    j.add_argument("--cpus", metavar="LIST", help="pin this process to these CPUs (e.g. 0 or 0,1)")
+    j.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
+    j.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    j.set_defaults(func=_cmd_join)
+
+    sec = sub.add_parser("secret", help="print a new random mesh secret")
+    sec.set_defaults(func=_cmd_secret)
     return parser
 
 
@@ -84,10 +108,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 async def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generation.loop import Result
     from .generation.sampling import SamplingParams
     from .model.default import default_model_path
-    from .runtime.local import LocalEngine
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = SamplingParams(
@@ -99,27 +121,90 @@ async def _cmd_generate(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     model = args.model or await loop.run_in_executor(None, default_model_path)
     log.info("loading %s", model)
-    async with LocalEngine(model, dtype=args.dtype, threads=args.threads) as engine:
-        log.info("loaded in %.1f s (%.0f MB of weights)", engine.load_s, engine.weight_bytes() / 1e6)
-        result = Result()
-        t0 = time.perf_counter()
-        async for piece in engine.stream(prompt, params, chat=args.chat, result=result):
-            if not args.json:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        elapsed = time.perf_counter() - t0
-        if args.json:
-            out = result.to_dict()
-            out["devices"] = engine.devices()
-            out["model"] = str(model)
-            json.dump(out, sys.stdout, ensure_ascii=False)
-            sys.stdout.write("\n")
-        else:
-            sys.stdout.write("\n")
-        sys.stdout.flush()
-        n = len(result.token_ids)
-        log.info("%d prompt tokens, %d generated in %.2f s: TTFT %.3f s, %.1f ms/token", result.prompt_tokens, n,
-                 elapsed, result.ttft_s, result.token_latency_s * 1e3)
+    async with contextlib.AsyncExitStack() as stack:
+        engine = await stack.enter_async_context(await _engine(args, model, stack))
+        await _run_generate(args, engine, prompt, params, model)
+    return 0
+
+
+async def _engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitStack):
+    from .runtime.device import secret_bytes
+    from .runtime.launcher import LocalCluster
+    from .runtime.local import LocalEngine
+    from .runtime.mesh import MeshEngine, local_secret
+
+    weights = None
+    if args.split:
+        try:
+            weights = [float(w) for w in args.split.split(",")]
+        except ValueError:
+            raise MeshError(f"--split takes comma-separated numbers, got {args.split!r}") from None
+    if args.local_devices:
+        secret = local_secret()
+        addresses = await stack.enter_async_context(
+            LocalCluster(args.local_devices, secret, threads=args.threads, pin=args.pin, verbose=args.verbose > 0))
+        return MeshEngine(model, addresses, secret, dtype=args.dtype, weights=weights, threads=args.threads)
+    if args.devices:
+        addresses = [a for a in args.devices.split(",") if a.strip()]
+        return MeshEngine(model, addresses, secret_bytes(args.secret), dtype=args.dtype, weights=weights,
+                          threads=args.threads)
+    return LocalEngine(model, dtype=args.dtype, threads=args.threads)
+
+
+async def _run_generate(args, engine, prompt, params, model) -> None:
+    from .generation.loop import Result
+
+    log.info("ready in %.1f s", engine.load_s)
+    result = Result()
+    t0 = time.perf_counter()
+    async for piece in engine.stream(prompt, params, chat=args.chat, result=result):
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    elapsed = time.perf_counter() - t0
+    if args.json:
+        out = result.to_dict()
+        out["devices"] = await engine.devices()
+        out["model"] = str(model)
+        json.dump(out, sys.stdout, ensure_ascii=False)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    log.info("%d prompt tokens, %d generated in %.2f s: TTFT %.3f s, %.1f ms/token", result.prompt_tokens,
+             len(result.token_ids), elapsed, result.ttft_s, result.token_latency_s * 1e3)
+
+
+async def _cmd_join(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    from .runtime.device import Device, secret_bytes
+    from .runtime.launcher import READY
+
+    if args.cpus:
+        try:
+            cpus = {int(c) for c in args.cpus.split(",")}
+            os.sched_setaffinity(0, cpus)
+        except (ValueError, OSError) as e:
+            raise MeshError(f"--cpus {args.cpus!r}: {e}") from e
+        threads = args.threads or len(cpus)
+    else:
+        threads = args.threads
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Device(secret_bytes(args.secret), name=args.name, host=args.host, port=args.port,
+                      threads=threads) as device:
+        print(f"{READY} {device.node_id} {args.host}:{device.port}", flush=True)
+        await device.serve_until(stop)
+        log.info("stopping")
+    return 0
+
+
+async def _cmd_secret(args: argparse.Namespace) -> int:
+    from .runtime.device import new_secret
+
+    print(new_secret())
     return 0
 
 

@@ -9,7 +9,16 @@ MeshError
  ├── TokenizerError             no usable tokenizer, or a chat template that fails
  ├── RequestError               a request that cannot run as asked
  │    └── PromptTooLongError    prompt (+ max tokens) exceeds the model's context
- └── DownloadError              the embedded default model could not be fetched
+ ├── DownloadError              the embedded default model could not be fetched
+ ├── PlanError                  no split of the model fits these devices (says why)
+ └── LinkError                  a link to a peer failed
+      ├── ProtocolError         the peer sent bytes that are not our protocol (the link is closed)
+      ├── HandshakeError        the peer was refused, or refused us
+      │    ├── AuthenticationError   a different mesh secret
+      │    └── VersionMismatchError  a different protocol version
+      ├── DeviceLostError       a device closed its link or died (named)
+      ├── MeshTimeoutError      a peer did not answer within the configured seconds (phase named)
+      └── RemoteError           a peer reported an error of its own (its message is carried)
 """
 
 from __future__ import annotations
@@ -53,3 +62,39 @@ class PromptTooLongError(RequestError):
 
 class DownloadError(MeshError):
     """The embedded default model could not be fetched."""
+
+
+class PlanError(MeshError):
+    """No split of the model fits these devices."""
+
+
+class LinkError(MeshError):
+    """A link to a peer failed."""
+
+
+class ProtocolError(LinkError):
+    """The peer sent bytes that are not our protocol."""
+
+
+class HandshakeError(LinkError):
+    """The peer was refused, or refused us."""
+
+
+class AuthenticationError(HandshakeError):
+    """The peer holds a different mesh secret."""
+
+
+class VersionMismatchError(HandshakeError):
+    """The peer speaks a different protocol version."""
+
+
+class DeviceLostError(LinkError):
+    """A device closed its link or died."""
+
+
+class MeshTimeoutError(LinkError):
+    """A peer did not answer in time."""
+
+
+class RemoteError(LinkError):
+    """A peer reported an error of its own."""

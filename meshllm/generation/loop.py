@@ -23,6 +23,8 @@ class Backend(Protocol):
 
     async def end(self) -> None: ...
 
+    def abort(self, reason: str) -> None: ...
+
 
 @dataclass
 class Result:

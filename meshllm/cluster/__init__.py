@@ -1,0 +1,1 @@
+"""Cluster logic, pure: planning the split, electing the hub."""

@@ -1,0 +1,127 @@
+"""Planning: (model config, device capabilities) -> who computes which slice. Pure and deterministic.
+
+Attention splits by query heads (a device computes the kv heads its q heads read, so devices may outnumber kv
+heads); the MLP splits by columns of gate/up (rows of down) in multiples of an alignment. Shares follow the
+capability weights by largest remainder; ties go to the lower rank, so every device computes the same plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..errors import PlanError
+from ..model.config import ModelConfig
+from ..model.shard import Shard
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What planning needs of a device: a name, a capability weight, an optional weight-memory budget."""
+
+    name: str
+    weight: float = 1.0
+    budget_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One shard per device (rank order) and the hub's rank."""
+
+    shards: tuple[Shard, ...]
+    devices: tuple[DeviceSpec, ...]
+    hub: int
+    dtype: str
+    shard_bytes: tuple[int, ...] = field(default=())
+
+    @property
+    def world(self) -> int:
+        return len(self.shards)
+
+    def share(self, rank: int, config: ModelConfig) -> float:
+        """Fraction of the decoder weights rank holds (kv projections counted where replicated)."""
+        total = layer_bytes(config, Shard.full(config), self.dtype)
+        return layer_bytes(config, self.shards[rank], self.dtype) / total
+
+
+def _split(total: int, weights: Sequence[float], unit: int, minimum: int) -> list[int]:
+    """Split `total` into len(weights) parts proportional to weights, in multiples of `unit` (the last part takes
+    any remainder below a unit), each at least `minimum` units."""
+    units, rest = divmod(total, unit)
+    n = len(weights)
+    if units < n * minimum:
+        raise PlanError(f"cannot give {n} devices at least {minimum} of {units} units each")
+    wsum = float(sum(weights))
+    free = units - n * minimum
+    exact = [free * w / wsum for w in weights]
+    counts = [int(e) for e in exact]
+    order = sorted(range(n), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: free - sum(counts)]:
+        counts[i] += 1
+    sizes = [(c + minimum) * unit for c in counts]
+    sizes[-1] += rest
+    return sizes
+
+
+def layer_bytes(config: ModelConfig, shard: Shard, dtype: str) -> int:
+    """Bytes of one shard's weights over all layers (norms included)."""
+    b = BYTES.get(dtype, 4)
+    d, hd = config.hidden_size, config.head_dim
+    kv0, kv1 = shard.kv_range(config)
+    attn = d * hd * (2 * shard.num_q + 2 * (kv1 - kv0)) + d
+    mlp = 3 * d * shard.num_mlp + d
+    return config.num_layers * (attn + mlp) * b
+
+
+def head_bytes(config: ModelConfig, dtype: str) -> int:
+    """Bytes of the originator's embedding, final norm and LM head."""
+    b = BYTES.get(dtype, 4)
+    n = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    return (n + config.hidden_size) * b
+
+
+def mlp_alignment(config: ModelConfig, world: int) -> int:
+    """Column granularity: 64 where the width allows, smaller for small models."""
+    for unit in (64, 32, 16, 8):
+        if config.intermediate_size >= unit * world * 2:
+            return unit
+    return 1
+
+
+def make_plan(config: ModelConfig, devices: Sequence[DeviceSpec], dtype: str, hub: int | None = None) -> Plan:
+    """Split every layer over `devices` in proportion to their weights; fails early with the reason."""
+    n = len(devices)
+    if n == 0:
+        raise PlanError("no devices to plan over")
+    if n > config.num_heads:
+        raise PlanError(
+            f"{n} devices but the model has only {config.num_heads} attention heads: every device needs at least "
+            f"one; use at most {config.num_heads} devices"
+        )
+    if any(not d.weight > 0 for d in devices):
+        raise PlanError("every device's capability weight must be positive")
+    weights = [d.weight for d in devices]
+    heads = _split(config.num_heads, weights, 1, 1)
+    cols = _split(config.intermediate_size, weights, mlp_alignment(config, n), 0)
+    shards, q, c = [], 0, 0
+    for rank in range(n):
+        shards.append(Shard(q, q + heads[rank], c, c + cols[rank], owns_bias=rank == 0))
+        q += heads[rank]
+        c += cols[rank]
+    sizes = tuple(layer_bytes(config, s, dtype) for s in shards)
+    for rank, (dev, size) in enumerate(zip(devices, sizes)):
+        if dev.budget_bytes is not None and size > dev.budget_bytes:
+            raise PlanError(
+                f"device {dev.name} would hold {size / 2**20:.1f} MiB of weights but its budget is "
+                f"{dev.budget_bytes / 2**20:.1f} MiB; add devices, give it a larger budget or a smaller weight"
+            )
+    if hub is None:
+        hub = elect_hub(devices)
+    return Plan(tuple(shards), tuple(devices), hub, dtype, sizes)
+
+
+def elect_hub(devices: Sequence[DeviceSpec]) -> int:
+    """The strongest device: highest weight, ties to the smallest name (a total order, same on every device)."""
+    return min(range(len(devices)), key=lambda i: (-devices[i].weight, devices[i].name, i))

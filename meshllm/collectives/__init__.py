@@ -1,0 +1,1 @@
+"""Collectives: the star allreduce's round logic (pure) and its asyncio driver."""

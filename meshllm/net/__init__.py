@@ -1,0 +1,1 @@
+"""The asyncio network layer: authenticated TCP links over the pure wire core."""

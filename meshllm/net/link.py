@@ -1,0 +1,221 @@
+"""The thin asyncio layer: a TCP link driven by the Sans-I/O Connection. It only moves bytes.
+
+Flow control: the kernel socket plus a bounded transport write buffer (`drain` waits when it is over the high
+mark); inbound, a message is handed to the owner's callback as soon as its frame completes, and the owner keeps
+every queue it fills bounded. TCP_NODELAY, because every frame on the data path is latency-bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import DeviceLostError, HandshakeError, LinkError, MeshTimeoutError
+from ..wire.connection import Connection
+from ..wire.frames import DEFAULT_MAX_FRAME
+
+log = logging.getLogger("meshllm.net")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds allowed per phase."""
+
+    connect: float = 5.0
+    handshake: float = 5.0
+    load: float = 900.0  # reading (or receiving) a shard's weights
+    step: float = 120.0  # one forward step end to end, as seen by the originator
+    allreduce: float = 60.0  # one round, as seen by a worker or the hub
+    close: float = 2.0
+
+
+WRITE_HIGH = 4 * 2**20  # transport buffer above which senders must drain
+
+
+class Link(asyncio.Protocol):
+    """One authenticated link. `on_message(link, msg)` runs on the loop for each message; keep it quick."""
+
+    def __init__(self, conn: Connection, on_message: Callable[["Link", dict[str, Any]], None] | None = None,
+                 on_close: Callable[["Link", BaseException | None], None] | None = None) -> None:
+        self.conn = conn
+        self.on_message = on_message
+        self.on_close = on_close
+        self.transport: asyncio.Transport | None = None
+        self.address = ""
+        self.error: BaseException | None = None
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._write_ok = asyncio.Event()
+        self._write_ok.set()
+        self.frames_in = self.frames_out = 0
+
+    # -- identity ---------------------------------------------------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        """The peer's node id and address, for messages."""
+        return f"{self.conn.peer_id or '?'} ({self.address})"
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closed.done()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.address = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH)
+        self.conn.start()
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        was_ready = self.conn.state == "ready"
+        try:
+            messages = self.conn.receive_data(data)
+        except LinkError as e:
+            self._flush()
+            self._fail(e)
+            return
+        self._flush()
+        if not was_ready and self.conn.state == "ready" and not self.ready.done():
+            self.ready.set_result(None)
+        self.frames_in += len(messages)
+        for msg in messages:
+            if self.closed.done():
+                return
+            if self.on_message is not None:
+                try:
+                    self.on_message(self, msg)
+                except LinkError as e:
+                    # the owner judged the message a protocol violation: close this link only
+                    self.conn.close_with_error("protocol", str(e))
+                    self._flush()
+                    self._fail(e)
+                    return
+
+    def eof_received(self) -> bool:
+        try:
+            self.conn.receive_eof()
+        except LinkError as e:
+            self._fail(e)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            err = self.error or DeviceLostError(f"link to {self.peer} closed" + (f": {exc}" if exc else ""))
+            self._finish(err)
+
+    def pause_writing(self) -> None:
+        self._write_ok.clear()
+
+    def resume_writing(self) -> None:
+        self._write_ok.set()
+
+    # -- sending --------------------------------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Frame and write one message now (never blocks; call `drain` after bulk sends)."""
+        if self.closed.done() or self.transport is None:
+            raise self.error or DeviceLostError(f"link to {self.peer} is closed")
+        self.transport.write(self.conn.encode(message))
+        self.frames_out += 1
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until the write buffer is under its high mark."""
+        if not self._write_ok.is_set():
+            try:
+                await asyncio.wait_for(self._write_ok.wait(), timeout)
+            except TimeoutError as e:
+                raise MeshTimeoutError(f"{self.peer} did not read for {timeout} s (write buffer full)") from e
+        if self.closed.done():
+            raise self.error or DeviceLostError(f"link to {self.peer} is closed")
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    # -- closing --------------------------------------------------------------------------------------------
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the link (after writing anything queued)."""
+        if error is not None and self.error is None:
+            self.error = error
+        if self.transport is not None:
+            self.transport.close()
+        if not self.closed.done():
+            self._finish(self.error or DeviceLostError(f"link to {self.peer} closed"))
+
+    def _fail(self, error: BaseException) -> None:
+        log.info("closing link to %s: %s", self.peer, error)
+        self.error = self.error or error
+        if self.transport is not None:
+            self.transport.close()
+        self._finish(self.error)
+
+    def _finish(self, error: BaseException) -> None:
+        self.error = self.error or error
+        if not self.ready.done():
+            self.ready.set_exception(self.error)
+            self.ready.exception()  # retrieved: nobody may be waiting on it
+        self.closed.set_result(None)
+        self._write_ok.set()
+        if self.on_close is not None:
+            self.on_close(self, self.error)
+
+
+def new_connection(secret: bytes, node_id: str, *, initiator: bool, info: dict[str, Any] | None = None,
+                   max_frame: int = DEFAULT_MAX_FRAME) -> Connection:
+    """A Connection with a fresh random nonce."""
+    return Connection(secret, node_id, os.urandom(32), initiator=initiator, info=info, max_frame=max_frame)
+
+
+async def connect(host: str, port: int, secret: bytes, node_id: str, *, timeouts: Timeouts = Timeouts(),
+                  info: dict[str, Any] | None = None, on_message=None, on_close=None,
+                  max_frame: int = DEFAULT_MAX_FRAME) -> Link:
+    """Open an authenticated link to host:port (raises HandshakeError subclasses, DeviceLostError, timeouts)."""
+    loop = asyncio.get_running_loop()
+    conn = new_connection(secret, node_id, initiator=True, info=info, max_frame=max_frame)
+    try:
+        _, link = await asyncio.wait_for(
+            loop.create_connection(lambda: Link(conn, on_message, on_close), host, port), timeouts.connect)
+    except TimeoutError as e:
+        raise MeshTimeoutError(f"connecting to {host}:{port} timed out after {timeouts.connect} s") from e
+    except OSError as e:
+        raise DeviceLostError(f"cannot connect to {host}:{port}: {e.strerror or e}") from e
+    try:
+        await asyncio.wait_for(asyncio.shield(link.ready), timeouts.handshake)
+    except TimeoutError as e:
+        link.close()
+        raise MeshTimeoutError(f"handshake with {host}:{port} timed out after {timeouts.handshake} s") from e
+    except HandshakeError as e:
+        link.close()
+        raise type(e)(f"{host}:{port}: {e}") from e
+    return link
+
+
+def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') -> (host, port), with a clear error."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep:
+        host, port = text.strip(), ""
+    host = host.strip("[]")
+    if not port and default_port is not None:
+        return host, default_port
+    try:
+        value = int(port)
+        if not 0 < value < 65536:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{text!r} is not HOST:PORT (a port from 1 to 65535)") from None
+    return host or "127.0.0.1", value

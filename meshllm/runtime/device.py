@@ -1,0 +1,491 @@
+"""The device daemon: accepts authenticated links and computes its shard of every layer for each session.
+
+A session is one originator's use of this device: a shard, a rank, and (star allreduce) either the links to
+every worker (on the hub) or one link to the hub. Steps of a session run one at a time, in order, in a runner
+task; an abort cancels the running step at once. A bad message closes only the link it came on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..collectives.star import HubRounds, Key, RoundError
+from ..errors import MeshError, MeshTimeoutError, ProtocolError
+from ..model.loader import load_attn_block, load_mlp_block, resolve_dtype
+from ..model.shard import Shard
+from ..model.source import open_model
+from ..net.link import Link, Timeouts, connect, new_connection, parse_address
+from ..wire.frames import DEFAULT_MAX_FRAME
+from .executors import compute_executor, cpu_count, io_executor, set_torch_threads
+from .local import peak_rss_bytes
+from .tensors import from_record, to_record
+from .worker import ShardWorker
+
+log = logging.getLogger("meshllm.device")
+
+STEP_QUEUE = 8  # commands a session may have queued (begin/step/end); more is a protocol violation
+
+
+@dataclass
+class Stats:
+    """Per-session counters (seconds and counts), reported to the originator."""
+
+    compute_s: float = 0.0
+    allreduce_wait_s: float = 0.0
+    framing_s: float = 0.0
+    rounds: int = 0
+    steps: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Session:
+    """One originator's use of this device."""
+
+    id: str
+    originator: Link
+    rank: int
+    world: int
+    hub_rank: int
+    worker: ShardWorker | None = None
+    hub_link: Link | None = None  # on a non-hub worker
+    worker_links: dict[int, Link] = field(default_factory=dict)  # on the hub
+    rounds: HubRounds | None = None
+    commands: asyncio.Queue | None = None
+    runner: asyncio.Task | None = None
+    current: asyncio.Task | None = None  # the running step
+    finished_req: int = -1  # requests up to this id are over: their stray parts/sums are dropped
+    attached: asyncio.Future | None = None  # on a worker: the hub accepted our attach
+    round_future: asyncio.Future | None = None
+    round_key: Key | None = None
+    stats: Stats = field(default_factory=Stats)
+    broken: str | None = None
+
+    @property
+    def is_hub(self) -> bool:
+        return self.rank == self.hub_rank
+
+
+class Device:
+    """A meshllm device: `async with Device(secret) as d: await d.serve_until(stop)`."""
+
+    def __init__(self, secret: bytes, *, name: str | None = None, host: str = "127.0.0.1", port: int = 0,
+                 timeouts: Timeouts = Timeouts(), threads: int | None = None,
+                 max_frame: int = DEFAULT_MAX_FRAME, capability: float | None = None) -> None:
+        self.secret = secret
+        self.node_id = name or f"dev-{uuid.uuid4().hex[:8]}"
+        self.host, self.port = host, port
+        self.timeouts = timeouts
+        self.threads = threads
+        self.max_frame = max_frame
+        self.info = {"cores": cpu_count(), "capability": capability or float(threads or cpu_count())}
+        self.links: set[Link] = set()
+        self.sessions: dict[str, Session] = {}
+        self._shard_cache: tuple[tuple, tuple[Any, list, list, torch.dtype]] | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> "Device":
+        set_torch_threads(self.threads)
+        self._compute = compute_executor()
+        self._io = io_executor()
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._accept, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("device %s listening on %s:%d", self.node_id, self.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._server is not None:
+            self._server.close()
+        for session in list(self.sessions.values()):
+            self._drop_session(session, "device shutting down")
+        for link in list(self.links):
+            link.close()
+        try:
+            await asyncio.wait_for(self._tasks.__aexit__(None, None, None), self.timeouts.close)
+        except TimeoutError:
+            log.warning("tasks did not stop within %.1f s", self.timeouts.close)
+        self._compute.shutdown(wait=False, cancel_futures=True)
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        """Run a task owned by the device's TaskGroup; its failure is logged, never fatal to the daemon."""
+        async def guarded():
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("task %s failed", name)
+        return self._tasks.create_task(guarded(), name=name)
+
+    # -- links ------------------------------------------------------------------------------------------------
+
+    def _accept(self) -> Link:
+        conn = new_connection(self.secret, self.node_id, initiator=False, info=self.info, max_frame=self.max_frame)
+        link = Link(conn, self._on_message, self._on_close)
+        self.links.add(link)
+        asyncio.get_running_loop().call_later(self.timeouts.handshake, self._handshake_deadline, link)
+        return link
+
+    def _handshake_deadline(self, link: Link) -> None:
+        if not link.ready.done():
+            link.close(MeshTimeoutError(f"no handshake within {self.timeouts.handshake} s"))
+
+    def _on_close(self, link: Link, error: BaseException | None) -> None:
+        self.links.discard(link)
+        for session in list(self.sessions.values()):
+            if link is session.originator:
+                self._drop_session(session, f"originator closed the link ({error})")
+            elif link is session.hub_link or link in session.worker_links.values():
+                self._break_session(session, f"device {link.peer} was lost: {error}")
+
+    # -- messages ---------------------------------------------------------------------------------------------
+
+    def _on_message(self, link: Link, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        if kind == "part":
+            self._on_part(link, msg)
+        elif kind == "sum":
+            self._on_sum(link, msg)
+        elif kind in ("step", "begin", "end"):
+            session = self._session_of(link, msg)
+            if session.broken:
+                link.send({"t": "abort", "session": session.id, "req": msg.get("req", -1), "reason": session.broken})
+                return
+            try:
+                session.commands.put_nowait(msg)
+            except asyncio.QueueFull:
+                raise ProtocolError(f"more than {STEP_QUEUE} commands queued for session {session.id}") from None
+        elif kind == "abort":
+            session = self._session_of(link, msg)
+            self._abort_request(session, int(msg["req"]), str(msg["reason"]))
+        elif kind == "load":
+            self._spawn(self._load(link, msg), f"load-{msg['session']}")
+        elif kind == "connect_hub":
+            session = self._session_of(link, msg)
+            self._spawn(self._connect_hub(session, str(msg["hub"])), f"connect-{session.id}")
+        elif kind == "attach":
+            self._on_attach(link, msg)
+        elif kind == "attached":
+            session = next((x for x in self.sessions.values() if x.hub_link is link), None)
+            if session is None or session.attached is None or session.attached.done():
+                raise ProtocolError("unexpected 'attached'")
+            session.attached.set_result(None)
+        elif kind == "stats":
+            session = self._session_of(link, msg)
+            link.send({"t": "stats_reply", "session": session.id, "stats": self._stats(session)})
+        elif kind == "ping":
+            link.send({"t": "pong", "nonce": msg["nonce"]})
+        elif kind == "pong":
+            pass
+        else:
+            raise ProtocolError(f"a device does not accept {kind!r} messages")
+
+    def _session_of(self, link: Link, msg: dict[str, Any]) -> Session:
+        session = self.sessions.get(msg.get("session"))
+        if session is None or session.originator is not link:
+            raise ProtocolError(f"{msg['t']!r} for unknown session {msg.get('session')!r}")
+        return session
+
+    def _stats(self, session: Session) -> dict[str, Any]:
+        return {
+            **session.stats.as_dict(),
+            "node": self.node_id,
+            "rank": session.rank,
+            "role": "hub" if session.is_hub else "worker",
+            "peak_rss_bytes": peak_rss_bytes(),
+            "weight_bytes": session.worker.weight_bytes() if session.worker else 0,
+        }
+
+    # -- loading ----------------------------------------------------------------------------------------------
+
+    async def _load(self, link: Link, msg: dict[str, Any]) -> None:
+        sid = str(msg["session"])
+        try:
+            shard = Shard(*[int(v) for v in msg["shard"][:4]], owns_bias=bool(msg["shard"][4]))
+            rank, world, hub_rank = int(msg["rank"]), int(msg["world"]), int(msg["hub"])
+            if not (0 <= rank < world and 0 <= hub_rank < world) or sid in self.sessions:
+                raise ProtocolError(f"bad load for session {sid}: rank {rank}, world {world}, hub {hub_rank}")
+        except (TypeError, ValueError, IndexError) as e:
+            link.close(ProtocolError(f"malformed load message: {e}"))
+            return
+        session = Session(sid, link, rank, world, hub_rank)
+        session.commands = asyncio.Queue(maxsize=STEP_QUEUE)
+        if session.is_hub:
+            session.rounds = HubRounds(world)
+        self.sessions[sid] = session
+        try:
+            t0 = time.perf_counter()
+            session.worker = await asyncio.get_running_loop().run_in_executor(
+                self._io, self._load_shard, str(msg["model"]), msg.get("dtype"), shard)
+            log.info("session %s: rank %d/%d%s, shard %s loaded in %.2f s", sid, rank, world,
+                     " (hub)" if session.is_hub else "", shard, time.perf_counter() - t0)
+        except MeshError as e:
+            self.sessions.pop(sid, None)
+            link.send({"t": "loaded", "session": sid, "error": f"{type(e).__name__}: {e}"})
+            return
+        session.runner = self._spawn(self._run_session(session), f"session-{sid}")
+        link.send({"t": "loaded", "session": sid, "weight_bytes": session.worker.weight_bytes(),
+                   "peak_rss_bytes": peak_rss_bytes()})
+
+    def _load_shard(self, model: str, dtype_name: str | None, shard: Shard) -> ShardWorker:
+        key = (model, dtype_name, shard)
+        if self._shard_cache is not None and self._shard_cache[0] == key:
+            config, attn, mlp, dtype = self._shard_cache[1]
+        else:
+            self._shard_cache = None  # release the old weights before reading new ones
+            src = open_model(model)
+            try:
+                config = src.config
+                shard.check(config)
+                dtype = resolve_dtype(dtype_name, config)
+                attn = [load_attn_block(src, i, shard, dtype) for i in range(config.num_layers)]
+                mlp = [load_mlp_block(src, i, shard, dtype) for i in range(config.num_layers)]
+            finally:
+                src.close()
+            self._shard_cache = (key, (config, attn, mlp, dtype))
+        return ShardWorker(config, shard, attn, mlp, dtype)
+
+    async def _connect_hub(self, session: Session, hub: str) -> None:
+        try:
+            host, port = parse_address(hub)
+            link = await connect(host, port, self.secret, self.node_id, timeouts=self.timeouts, info=self.info,
+                                 on_message=self._on_message, on_close=self._on_close, max_frame=self.max_frame)
+            self.links.add(link)
+            session.hub_link = link
+            session.attached = asyncio.get_running_loop().create_future()
+            link.send({"t": "attach", "session": session.id, "rank": session.rank})
+            try:
+                await asyncio.wait_for(asyncio.shield(session.attached), self.timeouts.handshake)
+            except TimeoutError:
+                raise MeshTimeoutError(f"the hub did not accept the attach within {self.timeouts.handshake} s") \
+                    from None
+            session.originator.send({"t": "connected", "session": session.id})
+        except (MeshError, ValueError) as e:
+            session.originator.send({"t": "connected", "session": session.id,
+                                     "error": f"cannot reach the hub at {hub}: {e}"})
+
+    def _on_attach(self, link: Link, msg: dict[str, Any]) -> None:
+        session = self.sessions.get(msg["session"])
+        rank = msg["rank"]
+        if session is None or not session.is_hub or not isinstance(rank, int) or not 0 <= rank < session.world \
+                or rank == session.rank or rank in session.worker_links:
+            raise ProtocolError(f"bad attach for session {msg['session']!r} rank {rank!r}")
+        session.worker_links[rank] = link
+        link.send({"t": "attached", "session": session.id})
+
+    # -- requests ---------------------------------------------------------------------------------------------
+
+    async def _run_session(self, session: Session) -> None:
+        """Execute the session's begin/step/end commands in order."""
+        loop = asyncio.get_running_loop()
+        while True:
+            msg = await session.commands.get()
+            kind, req = msg["t"], int(msg["req"])
+            if req <= session.finished_req:
+                continue  # aborted already
+            if kind == "begin":
+                await loop.run_in_executor(self._compute, session.worker.begin, int(msg["capacity"]))
+            elif kind == "end":
+                session.finished_req = max(session.finished_req, req)
+                await loop.run_in_executor(self._compute, session.worker.end)
+            else:
+                session.current = asyncio.current_task().get_loop().create_task(self._step(session, msg))
+                try:
+                    await session.current
+                except asyncio.CancelledError:
+                    if session.current.cancelled() and not asyncio.current_task().cancelling():
+                        continue  # the step was aborted, the session goes on
+                    raise
+                except MeshError as e:
+                    self._fail_request(session, req, str(e))
+                finally:
+                    session.current = None
+
+    async def _step(self, session: Session, msg: dict[str, Any]) -> None:
+        """One forward step over this shard: per layer, attention then MLP, each followed by an allreduce."""
+        loop = asyncio.get_running_loop()
+        req, step, start = int(msg["req"]), int(msg["step"]), int(msg["start"])
+        t = time.perf_counter()
+        x = from_record(msg["x"], "hidden state").to(session.worker.dtype)
+        session.stats.framing_s += time.perf_counter() - t
+        add = None
+        for layer in range(session.worker.config.num_layers):
+            for phase in (0, 1):
+                t = time.perf_counter()
+                x, part = await loop.run_in_executor(self._compute, self._phase, session.worker, layer, phase, x,
+                                                     add, start)
+                session.stats.compute_s += time.perf_counter() - t
+                add = await self._allreduce(session, (req, step, layer, phase), part)
+        if session.is_hub:
+            t = time.perf_counter()
+            last = x[:, -1:] + add[:, -1:]
+            session.originator.send({"t": "result", "session": session.id, "req": req, "step": step,
+                                     "x": to_record(last)})
+            session.stats.framing_s += time.perf_counter() - t
+        session.stats.steps += 1
+
+    @staticmethod
+    def _phase(worker: ShardWorker, layer: int, phase: int, x: torch.Tensor, add: torch.Tensor | None,
+               start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            if add is not None:
+                x = x + add  # the residual update of the previous allreduce, folded into this job
+            part = worker.attn(layer, x, start) if phase == 0 else worker.mlp(layer, x)
+            return x, part
+
+    async def _allreduce(self, session: Session, key: Key, part: torch.Tensor) -> torch.Tensor:
+        if session.world == 1:
+            return part
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        session.round_future, session.round_key = fut, key
+        t = time.perf_counter()
+        if session.is_hub:
+            self._hub_add(session, key, session.rank, part)
+        else:
+            req, step, layer, phase = key
+            session.hub_link.send({"t": "part", "req": req, "step": step, "layer": layer, "phase": phase,
+                                   "rank": session.rank, "x": to_record(part)})
+        t1 = time.perf_counter()
+        session.stats.framing_s += t1 - t
+        try:
+            result = await asyncio.wait_for(fut, self.timeouts.allreduce)
+        except TimeoutError as e:
+            missing = session.rounds.missing() if session.rounds else ["hub"]
+            raise MeshTimeoutError(f"allreduce round {key} timed out after {self.timeouts.allreduce} s waiting "
+                                   f"for rank(s) {missing}") from e
+        finally:
+            session.round_future = session.round_key = None
+        session.stats.allreduce_wait_s += time.perf_counter() - t1
+        session.stats.rounds += 1
+        return result
+
+    def _on_part(self, link: Link, msg: dict[str, Any]) -> None:
+        session = next((s for s in self.sessions.values() if link in s.worker_links.values()), None)
+        if session is None or session.rounds is None:
+            raise ProtocolError("part from a link that is not attached to a session on this hub")
+        key = (int(msg["req"]), int(msg["step"]), int(msg["layer"]), int(msg["phase"]))
+        if key[0] <= session.finished_req:
+            return  # a straggler of an aborted request
+        rank = msg["rank"]
+        if session.worker_links.get(rank) is not link:
+            raise ProtocolError(f"part claims rank {rank!r} on the link of another rank")
+        t = time.perf_counter()
+        part = from_record(msg["x"], "partial sum")
+        session.stats.framing_s += time.perf_counter() - t
+        try:
+            self._hub_add(session, key, rank, part)
+        except RoundError as e:
+            raise ProtocolError(str(e)) from e
+
+    def _hub_add(self, session: Session, key: Key, rank: int, part: torch.Tensor) -> None:
+        ordered = session.rounds.add(key, rank, part)
+        if ordered is None:
+            return
+        t = time.perf_counter()
+        total = ordered[0].float()
+        for p in ordered[1:]:
+            total = total + p.float()  # fp32, rank order: the same bits wherever it runs
+        total = total.to(ordered[0].dtype)
+        record = to_record(total)
+        req, step, layer, phase = key
+        for link in session.worker_links.values():
+            link.send({"t": "sum", "req": req, "step": step, "layer": layer, "phase": phase, "x": record})
+        session.stats.framing_s += time.perf_counter() - t
+        if session.round_key == key and not session.round_future.done():
+            session.round_future.set_result(total)
+        else:
+            raise RoundError(f"round {key} completed while this hub waits for {session.round_key}")
+
+    def _on_sum(self, link: Link, msg: dict[str, Any]) -> None:
+        session = next((s for s in self.sessions.values() if s.hub_link is link), None)
+        if session is None:
+            raise ProtocolError("sum from a link that is not a hub of any session here")
+        key = (int(msg["req"]), int(msg["step"]), int(msg["layer"]), int(msg["phase"]))
+        if key[0] <= session.finished_req:
+            return
+        if key != session.round_key or session.round_future is None or session.round_future.done():
+            raise ProtocolError(f"sum for round {key} while waiting for {session.round_key}")
+        t = time.perf_counter()
+        total = from_record(msg["x"], "allreduce sum")
+        session.stats.framing_s += time.perf_counter() - t
+        session.round_future.set_result(total)
+
+    # -- failure ----------------------------------------------------------------------------------------------
+
+    def _abort_request(self, session: Session, req: int, reason: str) -> None:
+        """Stop `req` now: drop its queued commands, cancel its running step."""
+        session.finished_req = max(session.finished_req, req)
+        if session.rounds is not None and session.rounds.key is not None and session.rounds.key[0] <= req:
+            session.rounds.reset()
+            session.rounds.last_closed = (req, 2**62, 0, 0)
+        if session.current is not None and not session.current.done():
+            log.info("session %s: request %d aborted: %s", session.id, req, reason)
+            session.current.cancel()
+
+    def _fail_request(self, session: Session, req: int, reason: str) -> None:
+        log.warning("session %s: request %d failed: %s", session.id, req, reason)
+        self._abort_request(session, req, reason)
+        if session.originator.is_open:
+            session.originator.send({"t": "abort", "session": session.id, "req": req, "reason": reason})
+
+    def _break_session(self, session: Session, reason: str) -> None:
+        """A peer of the session is gone: fail the running request and every later one."""
+        if session.broken:
+            return
+        session.broken = reason
+        req = session.round_key[0] if session.round_key else session.finished_req + 1
+        self._abort_request(session, req, reason)
+        if session.originator.is_open:
+            session.originator.send({"t": "abort", "session": session.id, "req": req, "reason": reason})
+
+    def _drop_session(self, session: Session, reason: str) -> None:
+        log.info("session %s closed: %s", session.id, reason)
+        self.sessions.pop(session.id, None)
+        if session.current is not None:
+            session.current.cancel()
+        if session.runner is not None:
+            session.runner.cancel()
+        for link in [session.hub_link, *session.worker_links.values()]:
+            if link is not None:
+                link.close()
+        if session.worker is not None:
+            session.worker.end()
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set."""
+        await stop.wait()
+
+
+def new_secret() -> str:
+    """A random mesh secret (URL-safe text)."""
+    import secrets
+
+    return secrets.token_urlsafe(24)
+
+
+def secret_bytes(secret: str | bytes | None) -> bytes:
+    """The mesh secret from the argument or MESHLLM_SECRET, as bytes; a clear error when there is none."""
+    if secret is None:
+        secret = os.environ.get("MESHLLM_SECRET")
+    if not secret:
+        raise MeshError("no mesh secret: pass --secret S or set MESHLLM_SECRET (make one with `meshllm secret`)")
+    return secret if isinstance(secret, bytes) else secret.encode()
+

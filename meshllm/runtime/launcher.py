@@ -1,0 +1,83 @@
+"""LocalCluster: N device processes on 127.0.0.1, started together and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from ..errors import MeshError
+from .executors import cpu_count
+
+log = logging.getLogger("meshllm.launcher")
+
+READY = "meshllm-device ready"
+
+
+class LocalCluster:
+    """`async with LocalCluster(3, secret) as addresses:` runs `python -m meshllm join` three times."""
+
+    def __init__(self, n: int, secret: bytes, *, threads: int | None = None, pin: bool = False,
+                 start_timeout: float = 60.0, stop_timeout: float = 5.0, verbose: bool = False) -> None:
+        if n < 1:
+            raise MeshError(f"--local-devices must be at least 1, got {n}")
+        self.n = n
+        self.secret = secret
+        self.threads = threads
+        self.pin = pin
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.verbose = verbose
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.addresses: list[str] = []
+
+    async def __aenter__(self) -> list[str]:
+        env = {**os.environ, "MESHLLM_SECRET": self.secret.decode()}  # not on the command line: ps shows argv
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(cpu_count()))
+        try:
+            for i in range(self.n):
+                cmd = [sys.executable, "-m", "meshllm", "join", "--host", "127.0.0.1", "--port", "0",
+                       "--name", f"local-{i}"]
+                if self.pin:
+                    cmd += ["--cpus", str(cores[i % len(cores)])]
+                if self.threads:
+                    cmd += ["--threads", str(self.threads)]
+                if not self.verbose:
+                    cmd += ["--quiet"]
+                self.procs.append(await asyncio.create_subprocess_exec(
+                    *cmd, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, env=env))
+            self.addresses = list(await asyncio.wait_for(
+                asyncio.gather(*(self._ready(p, i) for i, p in enumerate(self.procs))), self.start_timeout))
+        except BaseException:
+            await self._stop()
+            raise
+        log.info("started %d local devices: %s", self.n, ", ".join(self.addresses))
+        return self.addresses
+
+    async def _ready(self, proc: asyncio.subprocess.Process, i: int) -> str:
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                code = await proc.wait()
+                raise MeshError(f"local device {i} exited with code {code} before it was ready")
+            text = line.decode(errors="replace").strip()
+            if text.startswith(READY):
+                return text.rsplit(" ", 1)[-1]
+
+    async def __aexit__(self, *exc) -> None:
+        await self._stop()
+
+    async def _stop(self) -> None:
+        for p in self.procs:
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                await asyncio.wait_for(p.wait(), self.stop_timeout)
+            except TimeoutError:
+                log.warning("local device pid %d did not stop in %.0f s; killing it", p.pid, self.stop_timeout)
+                p.kill()
+                await p.wait()
+        self.procs = []

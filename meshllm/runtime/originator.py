@@ -1,0 +1,162 @@
+"""Originator: what the device where a request starts holds and does, whatever computes the layers.
+
+It alone has the tokenizer, the embedding, the final norm and the LM head, and it samples: prompt text and token
+ids never leave it. Subclasses supply the layers (`_forward_hidden`): the whole model here, or a mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import time
+from typing import AsyncIterator
+
+import torch
+
+from ..generation.loop import Result, generate
+from ..generation.sampling import Sampler, SamplingParams
+from ..model.layers import HeadWeights, embed, logits
+from ..model.loader import load_head, resolve_dtype
+from ..model.source import ModelSource, open_model
+from .executors import compute_executor, io_executor, set_torch_threads
+
+log = logging.getLogger("meshllm.runtime")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Originator:
+    """Base of the engines: load the head and tokenizer, encode prompts, run the decode loop."""
+
+    def __init__(self, model: str | os.PathLike, *, dtype: str | None = None, threads: int | None = None) -> None:
+        self.model_path = model
+        self.dtype_name = dtype
+        self.threads = threads
+        self._compute = compute_executor()
+        self._io = io_executor()
+        self._lock = asyncio.Lock()
+        self.config = None
+        self.tokenizer = None
+        self.head: HeadWeights | None = None
+        self.dtype: torch.dtype = torch.float32
+        self.load_s = 0.0
+
+    async def __aenter__(self):
+        t0 = time.perf_counter()
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._io, self._load_head)
+            await self._start()
+        except BaseException:
+            await self._stop()
+            self._shutdown_executors()
+            raise
+        self.load_s = time.perf_counter() - t0
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        try:
+            await self._stop()
+        finally:
+            self._shutdown_executors()
+
+    def _shutdown_executors(self) -> None:
+        self._compute.shutdown(wait=True, cancel_futures=True)
+        self._io.shutdown(wait=True, cancel_futures=True)
+
+    def _load_head(self) -> None:
+        from ..tokenizer import load_tokenizer
+
+        set_torch_threads(self.threads)
+        src = open_model(self.model_path)
+        try:
+            self.config = src.config
+            self.dtype = resolve_dtype(self.dtype_name, src.config)
+            self.tokenizer = load_tokenizer(src.path)
+            self.head = load_head(src, self.dtype)
+            self._load_more(src)
+        finally:
+            src.close()
+
+    # -- for subclasses ----------------------------------------------------------------------------------------
+
+    def _load_more(self, src: ModelSource) -> None:
+        """Read whatever else this engine keeps from the model (I/O thread)."""
+
+    async def _start(self) -> None:
+        """Bring up the layers (after the head is loaded)."""
+
+    async def _stop(self) -> None:
+        """Tear down what `_start` brought up."""
+
+    async def begin(self, capacity: int) -> None:
+        raise NotImplementedError
+
+    async def end(self) -> None:
+        raise NotImplementedError
+
+    def abort(self, reason: str) -> None:
+        """Stop the running request everywhere (called when it is cancelled or fails)."""
+
+    async def _forward_hidden(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """(1, T, d) embedded tokens at positions start.. -> (1, 1, d) final hidden state of the last one."""
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        return self.head.nbytes()
+
+    # -- Backend -------------------------------------------------------------------------------------------
+
+    async def next_token(self, ids: list[int], start: int, sampler: Sampler) -> int:
+        loop = asyncio.get_running_loop()
+        x = await loop.run_in_executor(self._compute, self._embed, ids)
+        h = await self._forward_hidden(x, start)
+        return await loop.run_in_executor(self._compute, self._sample, h, sampler)
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return embed(self.head, torch.tensor([ids], dtype=torch.long))
+
+    def _sample(self, h: torch.Tensor, sampler: Sampler) -> int:
+        with torch.inference_mode():
+            return sampler(logits(self.head, h.to(self.dtype))[0, -1])
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[dict], chat: bool | None = None) -> list[int]:
+        """Token ids for a prompt: chat-templated when `chat` (default: when the model has a template)."""
+        tok = self.tokenizer
+        if isinstance(prompt, list):
+            chat = True
+        if chat is None:
+            chat = tok.chat_template is not None
+        if not chat:
+            return tok.encode(prompt)
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+
+    async def stream(self, prompt: str | list[dict], params: SamplingParams = SamplingParams(), *,
+                     chat: bool | None = None, result: Result | None = None) -> AsyncIterator[str]:
+        """Yield text pieces as they are generated; requests run one at a time, never interleaved."""
+        result = result if result is not None else Result()
+        async with self._lock:
+            t0 = time.perf_counter()
+            ids = self.encode_prompt(prompt, chat)
+            async for piece in generate(self, self.tokenizer, ids, params, result, started=t0):
+                yield piece
+
+    async def generate(self, prompt: str | list[dict], params: SamplingParams = SamplingParams(), *,
+                       chat: bool | None = None) -> Result:
+        """Run a request to the end and return its Result."""
+        result = Result()
+        async for _ in self.stream(prompt, params, chat=chat, result=result):
+            pass
+        return result
+
+    async def devices(self) -> list[dict]:
+        """The devices of this engine, for reports."""
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""The wire protocol, pure: framing, message schema, tensor records, the authenticated handshake."""
