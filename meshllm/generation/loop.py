@@ -141,5 +141,9 @@ async def generate(backend: Backend, tokenizer, prompt_ids: list[int], params: S
             if piece:
                 result.text += piece
                 yield piece
+    except BaseException as e:
+        # cancelled (Ctrl-C, a closed stream) or failed: tell every device to stop this request now
+        backend.abort(f"{type(e).__name__}: {e}".rstrip(": "))
+        raise
     finally:
         await backend.end()

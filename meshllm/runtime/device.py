@@ -174,6 +174,7 @@ class Device:
                 raise ProtocolError(f"more than {STEP_QUEUE} commands queued for session {session.id}") from None
         elif kind == "abort":
             session = self._session_of(link, msg)
+            log.info("session %s: request %s aborted by the originator: %s", session.id, msg["req"], msg["reason"])
             self._abort_request(session, int(msg["req"]), str(msg["reason"]))
         elif kind == "load":
             self._spawn(self._load(link, msg), f"load-{msg['session']}")
@@ -437,7 +438,6 @@ class Device:
             session.rounds.reset()
             session.rounds.last_closed = (req, 2**62, 0, 0)
         if session.current is not None and not session.current.done():
-            log.info("session %s: request %d aborted: %s", session.id, req, reason)
             session.current.cancel()
 
     def _fail_request(self, session: Session, req: int, reason: str) -> None:

@@ -20,7 +20,8 @@ class LocalCluster:
     """`async with LocalCluster(3, secret) as addresses:` runs `python -m meshllm join` three times."""
 
     def __init__(self, n: int, secret: bytes, *, threads: int | None = None, pin: bool = False,
-                 start_timeout: float = 60.0, stop_timeout: float = 5.0, verbose: bool = False) -> None:
+                 start_timeout: float = 60.0, stop_timeout: float = 5.0, verbose: bool = False,
+                 log_dir: str | os.PathLike | None = None) -> None:
         if n < 1:
             raise MeshError(f"--local-devices must be at least 1, got {n}")
         self.n = n
@@ -30,6 +31,8 @@ class LocalCluster:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.verbose = verbose
+        self.log_dir = log_dir  # each device's stderr goes to log_dir/local-i.log instead of ours
+        self.log_files: list = []
         self.procs: list[asyncio.subprocess.Process] = []
         self.addresses: list[str] = []
 
@@ -44,10 +47,13 @@ class LocalCluster:
                     cmd += ["--cpus", str(cores[i % len(cores)])]
                 if self.threads:
                     cmd += ["--threads", str(self.threads)]
-                if not self.verbose:
-                    cmd += ["--quiet"]
+                cmd += ["--verbose"] if self.verbose else ["--quiet"]
+                stderr = None
+                if self.log_dir is not None:
+                    stderr = open(os.path.join(self.log_dir, f"local-{i}.log"), "wb")
+                    self.log_files.append(stderr)
                 self.procs.append(await asyncio.create_subprocess_exec(
-                    *cmd, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, env=env))
+                    *cmd, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, stderr=stderr, env=env))
             self.addresses = list(await asyncio.wait_for(
                 asyncio.gather(*(self._ready(p, i) for i, p in enumerate(self.procs))), self.start_timeout))
         except BaseException:
@@ -81,3 +87,6 @@ class LocalCluster:
                 p.kill()
                 await p.wait()
         self.procs = []
+        for f in self.log_files:
+            f.close()
+        self.log_files = []

@@ -127,6 +127,22 @@ class Originator:
 
     # -- requests ------------------------------------------------------------------------------------------
 
+    async def score(self, ids: list[int]) -> torch.Tensor:
+        """fp32 logits (V,) for the token after `ids` (a one-step request, for checks and ranking)."""
+        async with self._lock:
+            await self.begin(len(ids))
+            try:
+                loop = asyncio.get_running_loop()
+                x = await loop.run_in_executor(self._compute, self._embed, ids)
+                h = await self._forward_hidden(x, 0)
+                return await loop.run_in_executor(self._compute, self._logits, h)
+            finally:
+                await self.end()
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return logits(self.head, h.to(self.dtype))[0, -1]
+
     def encode_prompt(self, prompt: str | list[dict], chat: bool | None = None) -> list[int]:
         """Token ids for a prompt: chat-templated when `chat` (default: when the model has a template)."""
         tok = self.tokenizer

@@ -128,7 +128,7 @@ class Connection:
         if kind == "hello" and self._peer_nonce is None:
             version, node, nonce = msg["version"], msg["node"], msg["nonce"]
             if version != self.version:
-                reason = (f"protocol version mismatch: this device speaks version {self.version}, the peer "
+                reason = (f"protocol version mismatch: this device speaks version {self.version}, the peer version "
                           f"{version}; run the same meshllm release on every device")
                 self.close_with_error("version", reason)
                 raise VersionMismatchError(reason)

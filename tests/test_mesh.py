@@ -1,0 +1,178 @@
+"""N real device processes on loopback: greedy ids identical to one device and to transformers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+import pytest_asyncio
+import torch
+
+from helpers.checkpoints import VARIANTS
+from meshllm.generation.sampling import SamplingParams
+from meshllm.runtime.launcher import LocalCluster
+from meshllm.runtime.local import LocalEngine
+from meshllm.runtime.mesh import MeshEngine, local_secret
+from meshllm.wire.frames import HEADER
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+PROMPT = "the quick brown fox jumps over the lazy dog"
+N_NEW = 24
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster(tmp_path_factory):
+    """Four `meshllm join` processes, shared by the module; each test uses the first N."""
+    secret = local_secret()
+    async with LocalCluster(4, secret, threads=1, log_dir=tmp_path_factory.mktemp("logs")) as addresses:
+        yield addresses, secret
+
+
+async def single_device(folder, n=N_NEW):
+    async with LocalEngine(folder) as engine:
+        result = await engine.generate(PROMPT, SamplingParams(max_tokens=n, ignore_eos=True), chat=False)
+        ids = engine.encode_prompt(PROMPT, chat=False)
+        return result.token_ids, await engine.score(ids), ids
+
+
+def transformers_greedy(folder, ids, n=N_NEW):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    gc = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gc)[0, len(ids):].tolist()
+
+
+CASES = [
+    # (variant, N, split weights or None)
+    ("gqa_tied", 1, None),
+    ("gqa_tied", 2, None),
+    ("gqa_tied", 3, None),  # 3 devices, 2 kv heads: kv projections replicated
+    ("gqa_tied", 4, None),  # one q head each
+    ("gqa_tied", 2, [3, 1]),  # uneven
+    ("llama3_rope", 3, [1, 2, 1]),
+    ("odd_sizes", 4, [2, 1, 1, 1]),  # biases, odd widths, MHA
+    ("mha_untied", 2, None),
+]
+
+
+@pytest.mark.parametrize("variant,n,weights", CASES, ids=[f"{v}-N{n}-{w or 'even'}" for v, n, w in CASES])
+async def test_mesh_matches_single_device_and_transformers(make_model, cluster, variant, n, weights):
+    addresses, secret = cluster
+    folder = make_model(variant, **VARIANTS[variant])
+    expected, expected_logits, prompt_ids = await single_device(folder)
+    assert expected == transformers_greedy(folder, prompt_ids)
+    async with MeshEngine(folder, addresses[:n], secret, weights=weights) as mesh:
+        assert mesh.plan.world == n
+        result = await mesh.generate(PROMPT, SamplingParams(max_tokens=N_NEW, ignore_eos=True), chat=False)
+        assert result.token_ids == expected
+        logits = await mesh.score(prompt_ids)
+        err = (logits - expected_logits).abs().max().item()
+        assert err <= 1e-4 * expected_logits.abs().max().item(), err
+        # the JSON report names every device with its role and share
+        devices = await mesh.devices()
+        assert [d["role"] for d in devices].count("originator") == 1
+        assert [d["role"] for d in devices].count("hub") == 1
+        shares = [d["share"] for d in devices[1:]]
+        assert all(s > 0 for s in shares) and sum(shares) >= 0.999  # above 1 where kv heads are replicated
+
+
+async def test_second_request_and_stream_on_the_same_mesh(make_model, cluster):
+    addresses, secret = cluster
+    folder = make_model("gqa_tied", **VARIANTS["gqa_tied"])
+    expected, _, _ = await single_device(folder, 12)
+    async with MeshEngine(folder, addresses[:3], secret) as mesh:
+        pieces = [p async for p in mesh.stream(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True), chat=False)]
+        again = await mesh.generate(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True), chat=False)
+        assert again.token_ids == expected
+        assert "".join(pieces) == again.text
+
+
+class Tap:
+    """A TCP relay that records every byte each side sends (to prove what crosses the wire)."""
+
+    def __init__(self, target: str) -> None:
+        self.host, port = target.rsplit(":", 1)
+        self.port = int(port)
+        self.sent: list[bytes] = []  # every chunk, both directions
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+
+    async def _handle(self, reader, writer) -> None:
+        up_r, up_w = await asyncio.open_connection(self.host, self.port)
+        parts = []
+
+        async def pump(src, dst, sink):
+            try:
+                while data := await src.read(65536):
+                    sink.append(data)
+                    dst.write(data)
+            finally:
+                dst.close()
+
+        a, b = bytearray(), bytearray()
+        parts.append(asyncio.ensure_future(pump(reader, up_w, self._sink(a))))
+        parts.append(asyncio.ensure_future(pump(up_r, writer, self._sink(b))))
+        await asyncio.gather(*parts, return_exceptions=True)
+        self.sent += [bytes(a), bytes(b)]
+
+    @staticmethod
+    def _sink(buf: bytearray):
+        class Sink:
+            def append(self, data):
+                buf.extend(data)
+        return Sink()
+
+
+def frames(stream: bytes) -> list[dict]:
+    out, pos = [], 0
+    while pos + 4 <= len(stream):
+        (n,) = HEADER.unpack_from(stream, pos)
+        out.append(msgpack.unpackb(stream[pos + 4:pos + 4 + n], raw=False))
+        pos += 4 + n
+    return out
+
+
+async def test_prompt_text_and_token_ids_never_leave_the_originator(make_model, cluster):
+    addresses, secret = cluster
+    folder = make_model("gqa_tied", **VARIANTS["gqa_tied"])
+    secret_prompt = "zebra quantum marmalade"
+    taps = [Tap(a) for a in addresses[:3]]
+    tapped = [await t.__aenter__() for t in taps]
+    try:
+        async with MeshEngine(folder, tapped, secret) as mesh:
+            ids = mesh.encode_prompt(secret_prompt, chat=False)
+            result = await mesh.generate(secret_prompt, SamplingParams(max_tokens=8, ignore_eos=True), chat=False)
+    finally:
+        for t in taps:
+            await t.__aexit__()
+    await asyncio.sleep(0.2)
+    streams = [s for t in taps for s in t.sent]
+    assert sum(map(len, streams)) > 10_000  # the taps saw the traffic (steps, parts, sums)
+    everything = b"".join(streams)
+    for word in secret_prompt.split():
+        assert word.encode() not in everything
+    kinds = set()
+    for s in streams:
+        for f in frames(s):
+            kinds.add(f["t"])
+            # hidden states are float tensors; nothing carries ids or text
+            for key, value in f.items():
+                assert key not in ("ids", "tokens", "text", "prompt")
+                if isinstance(value, dict) and "dtype" in value:
+                    assert value["dtype"] in ("float32", "bfloat16", "float16")
+    assert {"step", "part", "sum", "result"} <= kinds
+    # the id sequences, as any integer encoding, are absent too
+    for seq in (ids, result.token_ids):
+        for dtype in (torch.int64, torch.int32):
+            assert torch.tensor(seq, dtype=dtype).numpy().tobytes() not in everything
+        assert msgpack.packb(seq) not in everything

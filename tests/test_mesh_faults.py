@@ -1,0 +1,185 @@
+"""Bad peers and failures against real device processes: refused, closed, named; never a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+
+from helpers.checkpoints import VARIANTS
+from meshllm.errors import (
+    AuthenticationError,
+    DeviceLostError,
+    LinkError,
+    RemoteError,
+    VersionMismatchError,
+)
+from meshllm.generation.sampling import SamplingParams
+from meshllm.net.link import Link, connect
+from meshllm.runtime.launcher import LocalCluster
+from meshllm.runtime.mesh import MeshEngine, local_secret
+from meshllm.wire.connection import Connection
+from meshllm.wire.frames import HEADER, encode_frame
+
+PROMPT = "the quick brown fox"
+
+
+def log_text(log_dir, i: int) -> str:
+    return (log_dir / f"local-{i}.log").read_text(errors="replace")
+
+
+async def wait_for_log(log_dir, i: int, needle: str, timeout: float = 5.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log_text(log_dir, i)
+        if needle in text:
+            return text
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{needle!r} not in device log:\n{log_text(log_dir, i)}")
+
+
+async def generate_ok(folder, addresses, secret) -> None:
+    async with MeshEngine(folder, addresses, secret) as mesh:
+        result = await mesh.generate(PROMPT, SamplingParams(max_tokens=4, ignore_eos=True), chat=False)
+        assert len(result.token_ids) == 4
+
+
+async def test_wrong_secret_is_refused_on_both_sides(make_model, tmp_path):
+    folder = make_model("gqa_tied", **VARIANTS["gqa_tied"])
+    secret = local_secret()
+    async with LocalCluster(1, secret, verbose=True, log_dir=tmp_path) as addresses:
+        with pytest.raises(AuthenticationError, match="secret"):
+            async with MeshEngine(folder, addresses, b"not-the-secret"):
+                pass
+        text = await wait_for_log(tmp_path, 0, "authentication failed")
+        assert "different mesh secret" in text and "--secret" in text
+        await generate_ok(folder, addresses, secret)  # still serving
+
+
+async def test_protocol_version_mismatch_is_refused_on_both_sides(make_model, tmp_path):
+    folder = make_model("gqa_tied", **VARIANTS["gqa_tied"])
+    secret = local_secret()
+    async with LocalCluster(1, secret, verbose=True, log_dir=tmp_path) as addresses:
+        host, port = addresses[0].rsplit(":", 1)
+        loop = asyncio.get_running_loop()
+        conn = Connection(secret, "future-peer", os.urandom(32), initiator=True, version=99)
+        _, link = await loop.create_connection(lambda: Link(conn), host, int(port))
+        with pytest.raises(VersionMismatchError, match=r"version 99, the peer version 1"):
+            await asyncio.wait_for(link.ready, 5)
+        await wait_for_log(tmp_path, 0, "protocol version mismatch")
+        await generate_ok(folder, addresses, secret)
+
+
+async def raw_exchange(address: str, payload: bytes, *, eof: bool = True, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until the device closes; return what it sent."""
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(payload)
+    await writer.drain()
+    if eof:
+        writer.write_eof()
+    data = await asyncio.wait_for(reader.read(), timeout)
+    writer.close()
+    return data
+
+
+def error_frames(data: bytes) -> list[dict]:
+    out, pos = [], 0
+    while pos + 4 <= len(data):
+        (n,) = HEADER.unpack_from(data, pos)
+        out.append(msgpack.unpackb(data[pos + 4:pos + 4 + n], raw=False))
+        pos += 4 + n
+    return [f for f in out if f.get("t") == "error"]
+
+
+async def test_malformed_input_closes_only_that_link(make_model, tmp_path):
+    folder = make_model("gqa_tied", **VARIANTS["gqa_tied"])
+    secret = local_secret()
+    async with LocalCluster(2, secret, verbose=True, log_dir=tmp_path) as addresses:
+        target = addresses[0]
+        # a mesh session stays open across all the abuse below and must keep working
+        async with MeshEngine(folder, addresses, secret) as mesh:
+            first = await mesh.generate(PROMPT, SamplingParams(max_tokens=6, ignore_eos=True), chat=False)
+
+            garbage = await raw_exchange(target, b"\x00\x00\x00\x08notmsgpk")
+            assert any("not valid msgpack" in f["reason"] for f in error_frames(garbage))
+
+            oversized = await raw_exchange(target, b"\xff\xff\xff\xff" + b"x" * 16)
+            assert any("exceeds" in f["reason"] for f in error_frames(oversized))
+
+            await raw_exchange(target, HEADER.pack(1000) + b"\x81" * 10)  # truncated: EOF inside a frame
+            await wait_for_log(tmp_path, 0, "truncated frame")
+
+            html = await raw_exchange(target, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert error_frames(html)  # an HTTP client gets a clean refusal too
+
+            # an authenticated peer that sends an unknown message type is cut off
+            host, port = target.rsplit(":", 1)
+            rogue = await connect(host, int(port), secret, "rogue")
+            rogue.transport.write(encode_frame({"t": "warp-drive", "x": 1}))
+            await asyncio.wait_for(rogue.closed, 5)
+            assert "unknown message type" in str(rogue.error)
+
+            # the device kept serving: the open session still generates the same tokens
+            again = await mesh.generate(PROMPT, SamplingParams(max_tokens=6, ignore_eos=True), chat=False)
+            assert again.token_ids == first.token_ids
+        await generate_ok(folder, addresses, secret)  # and new sessions are accepted
+
+
+async def test_killed_device_fails_generate_fast_naming_it(make_model, tmp_path):
+    folder = make_model("gqa_long", **{**VARIANTS["gqa_tied"], "max_position_embeddings": 65536})
+    secret = local_secret()
+    async with LocalCluster(3, secret, log_dir=tmp_path) as addresses:
+        async with MeshEngine(folder, addresses, secret) as mesh:
+            victim = mesh.members[2]
+            pieces = 0
+            t_kill = None
+            with pytest.raises(LinkError) as info:
+                async for _ in mesh.stream(PROMPT, SamplingParams(max_tokens=60_000, ignore_eos=True),
+                                           chat=False):
+                    pieces += 1
+                    if pieces == 5:
+                        pid = _pid_listening_on(victim.address)
+                        os.kill(pid, signal.SIGKILL)
+                        t_kill = time.monotonic()
+            elapsed = time.monotonic() - t_kill
+            assert elapsed < 3.0, f"took {elapsed:.1f} s to notice"
+            assert isinstance(info.value, (DeviceLostError, RemoteError))
+            assert victim.address in str(info.value) or "local-2" in str(info.value)
+
+
+def _pid_listening_on(address: str) -> int:
+    port = address.rsplit(":", 1)[1]
+    out = subprocess.run(["ss", "-Htlnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return int(out.split("pid=")[1].split(",")[0])
+
+
+async def test_ctrl_c_on_the_originator_stops_every_device(make_model, tmp_path):
+    # a long context, so the request is still running when the signal comes
+    folder = make_model("gqa_long", **{**VARIANTS["gqa_tied"], "max_position_embeddings": 65536})
+    secret = local_secret()
+    async with LocalCluster(2, secret, verbose=True, log_dir=tmp_path) as addresses:
+        env = {**os.environ, "MESHLLM_SECRET": secret.decode()}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshllm", "generate", "--model", str(folder), "--raw", "--prompt", PROMPT,
+            "--devices", ",".join(addresses), "--max-tokens", "60000", "--ignore-eos",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+        got = b""
+        while len(got) < 20:  # generating: text is streaming out
+            chunk = await asyncio.wait_for(proc.stdout.read(64), 60)
+            assert chunk, (await proc.stderr.read()).decode()
+            got += chunk
+        proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), 10)
+        assert code == 130
+        for i in range(2):
+            text = await wait_for_log(tmp_path, i, "aborted")
+            assert "closed" in await wait_for_log(tmp_path, i, "session")
+            assert "Traceback" not in text
+        await generate_ok(folder, addresses, secret)  # the devices are free for the next request
