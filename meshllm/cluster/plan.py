@@ -7,6 +7,7 @@ capability weights by largest remainder; ties go to the lower rank, so every dev
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -47,20 +48,27 @@ class Plan:
 
 
 def _split(total: int, weights: Sequence[float], unit: int, minimum: int) -> list[int]:
-    """Split `total` into len(weights) parts proportional to weights, in multiples of `unit` (the last part takes
-    any remainder below a unit), each at least `minimum` units."""
+    """Split `total` into parts proportional to `weights`, in multiples of `unit` (the last part also takes the
+    remainder below a unit), each at least `minimum` units; largest remainders round up, ties to lower ranks."""
     units, rest = divmod(total, unit)
     n = len(weights)
     if units < n * minimum:
         raise PlanError(f"cannot give {n} devices at least {minimum} of {units} units each")
-    wsum = float(sum(weights))
-    free = units - n * minimum
-    exact = [free * w / wsum for w in weights]
+    # devices whose proportional share falls under the minimum are pinned to it; the rest share what is left
+    pinned: set[int] = set()
+    while True:
+        free = units - minimum * len(pinned)
+        wsum = float(sum(weights[i] for i in range(n) if i not in pinned))
+        exact = [minimum if i in pinned else free * weights[i] / wsum for i in range(n)]
+        low = {i for i in range(n) if i not in pinned and exact[i] < minimum}
+        if not low:
+            break
+        pinned |= low
     counts = [int(e) for e in exact]
-    order = sorted(range(n), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in order[: free - sum(counts)]:
+    order = sorted((i for i in range(n) if i not in pinned), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: units - sum(counts)]:
         counts[i] += 1
-    sizes = [(c + minimum) * unit for c in counts]
+    sizes = [c * unit for c in counts]
     sizes[-1] += rest
     return sizes
 
@@ -100,8 +108,9 @@ def make_plan(config: ModelConfig, devices: Sequence[DeviceSpec], dtype: str, hu
             f"{n} devices but the model has only {config.num_heads} attention heads: every device needs at least "
             f"one; use at most {config.num_heads} devices"
         )
-    if any(not d.weight > 0 for d in devices):
-        raise PlanError("every device's capability weight must be positive")
+    if any(not (d.weight > 0 and math.isfinite(d.weight)) for d in devices):
+        raise PlanError("every device's capability weight must be a positive finite number, got "
+                        + ", ".join(f"{d.name}={d.weight}" for d in devices))
     weights = [d.weight for d in devices]
     heads = _split(config.num_heads, weights, 1, 1)
     cols = _split(config.intermediate_size, weights, mlp_alignment(config, n), 0)
@@ -114,8 +123,8 @@ def make_plan(config: ModelConfig, devices: Sequence[DeviceSpec], dtype: str, hu
     for rank, (dev, size) in enumerate(zip(devices, sizes)):
         if dev.budget_bytes is not None and size > dev.budget_bytes:
             raise PlanError(
-                f"device {dev.name} would hold {size / 2**20:.1f} MiB of weights but its budget is "
-                f"{dev.budget_bytes / 2**20:.1f} MiB; add devices, give it a larger budget or a smaller weight"
+                f"device {dev.name} would hold {human_bytes(size)} of weights but its budget is "
+                f"{human_bytes(dev.budget_bytes)}; add devices, give it a larger budget or a smaller weight"
             )
     if hub is None:
         hub = elect_hub(devices)
@@ -125,3 +134,12 @@ def make_plan(config: ModelConfig, devices: Sequence[DeviceSpec], dtype: str, hu
 def elect_hub(devices: Sequence[DeviceSpec]) -> int:
     """The strongest device: highest weight, ties to the smallest name (a total order, same on every device)."""
     return min(range(len(devices)), key=lambda i: (-devices[i].weight, devices[i].name, i))
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -2,7 +2,8 @@
 
 Handshake, symmetric except for the role label bound into each proof:
     both sides   -> hello {version, node, nonce (32 random bytes), info}
-    on hello     -> check version; auth {mac = HMAC-SHA256(secret, label | role | nonce_i | nonce_r | node_i | node_r)}
+    on hello     -> check version, refuse our own node id;
+                    auth {mac = HMAC-SHA256(secret, len-prefixed label, role, nonce_i, nonce_r, node_i, node_r)}
     on auth      -> verify the peer's mac for the peer's role; then the link is ready
 A wrong secret or version makes the refusing side send `error {code, reason}` before closing, so both ends
 raise the same clear error. Binding role, both nonces and both node ids stops reflection and replay.
@@ -22,7 +23,9 @@ SECRET_HINT = "use the same --secret (or MESHLLM_SECRET) on every device of the 
 
 
 def _mac(secret: bytes, role: bytes, nonce_i: bytes, nonce_r: bytes, node_i: str, node_r: str) -> bytes:
-    msg = b"|".join((_LABEL, role, nonce_i, nonce_r, node_i.encode(), node_r.encode()))
+    # every field length-prefixed: peer-chosen fields cannot be shifted into one another
+    fields = (_LABEL, role, nonce_i, nonce_r, node_i.encode(), node_r.encode())
+    msg = b"".join(len(f).to_bytes(4, "big") + f for f in fields)
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
@@ -109,6 +112,8 @@ class Connection:
 
     def receive_eof(self) -> None:
         """The peer closed; raise if it left a partial frame or an unfinished handshake."""
+        if self.state == "closed":
+            return
         if self._decoder.pending:
             raise ProtocolError(f"connection closed inside a frame ({self._decoder.pending} bytes of a truncated "
                                 f"frame)")
@@ -135,6 +140,10 @@ class Connection:
             if not isinstance(node, str) or not isinstance(nonce, bytes) or len(nonce) < 16:
                 self.close_with_error("protocol", "malformed hello")
                 raise ProtocolError("peer sent a malformed hello")
+            if node == self.node_id:
+                # a peer claiming our own id could replay proofs we make on another link
+                self.close_with_error("auth", "peer claims this device's own node id")
+                raise AuthenticationError(f"peer claims this device's own node id {node!r}; refused")
             self.peer_id, self._peer_nonce = node, nonce
             info = msg.get("info")
             self.peer_info = info if isinstance(info, dict) else {}

@@ -114,9 +114,9 @@ def check_tensor(record: Any, what: str = "tensor") -> tuple[str, list[int], byt
     if not isinstance(record, dict):
         raise ProtocolError(f"{what} is not a tensor record")
     dtype, shape, data = record.get("dtype"), record.get("shape"), record.get("data")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise ProtocolError(f"{what} has unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape) or len(shape) > 8:
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape) or len(shape) > 8:
         raise ProtocolError(f"{what} has a malformed shape {shape!r}")
     if not isinstance(data, bytes):
         raise ProtocolError(f"{what} data is not bytes")
