@@ -5,24 +5,37 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
+    AuthenticationError,
     ConfigError,
+    DeviceLostError,
     DownloadError,
+    HandshakeError,
+    LinkError,
     MeshError,
+    MeshTimeoutError,
     MissingTensorError,
     ModelError,
     ModelFileError,
+    PlanError,
     PromptTooLongError,
+    ProtocolError,
+    RemoteError,
     RequestError,
     TokenizerError,
     UnsupportedModelError,
+    VersionMismatchError,
 )
 from .generation.loop import Result  # noqa: E402
 from .generation.sampling import SamplingParams  # noqa: E402
+from .runtime.launcher import LocalCluster  # noqa: E402
 from .runtime.local import LocalEngine  # noqa: E402
+from .runtime.mesh import MeshEngine  # noqa: E402
 
 __all__ = [
     "__version__",
     "LocalEngine",
+    "MeshEngine",
+    "LocalCluster",
     "Result",
     "SamplingParams",
     "MeshError",
@@ -35,4 +48,13 @@ __all__ = [
     "RequestError",
     "PromptTooLongError",
     "DownloadError",
+    "PlanError",
+    "LinkError",
+    "ProtocolError",
+    "HandshakeError",
+    "AuthenticationError",
+    "VersionMismatchError",
+    "DeviceLostError",
+    "MeshTimeoutError",
+    "RemoteError",
 ]

@@ -183,3 +183,36 @@ async def test_ctrl_c_on_the_originator_stops_every_device(make_model, tmp_path)
             assert "closed" in await wait_for_log(tmp_path, i, "session")
             assert "Traceback" not in text
         await generate_ok(folder, addresses, secret)  # the devices are free for the next request
+
+
+async def test_device_keeps_serving_its_sockets_while_it_computes(make_model, tmp_path):
+    """A ping sent mid-prefill is answered before the prefill ends: matmuls run off the event loop."""
+    folder = make_model("wide_long", hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
+    secret = local_secret()
+    async with LocalCluster(1, secret, threads=1, log_dir=tmp_path) as addresses:
+        host, port = addresses[0].rsplit(":", 1)
+        events = []
+        pong = asyncio.get_running_loop().create_future()
+
+        def on_message(link, msg):
+            if msg["t"] == "pong" and not pong.done():
+                events.append("pong")
+                pong.set_result(None)
+
+        async with MeshEngine(folder, addresses, secret) as mesh:
+            prober = await connect(host, int(port), secret, "prober", on_message=on_message)
+            ids = [(i * 7) % 500 + 3 for i in range(6000)]
+
+            async def prefill():
+                await mesh.score(ids)
+                events.append("prefill done")
+
+            task = asyncio.ensure_future(prefill())
+            await asyncio.sleep(0.3)  # the prefill is computing on the device now
+            assert not task.done(), "prefill finished too fast to probe; make the model bigger"
+            prober.send({"t": "ping", "nonce": 1})
+            await task
+            await asyncio.wait_for(pong, 5)
+            prober.close()
+        assert events == ["pong", "prefill done"]

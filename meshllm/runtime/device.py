@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..collectives.star import HubRounds, Key, RoundError
+from ..collectives.driver import StarAllreduce
 from ..errors import MeshError, MeshTimeoutError, ProtocolError
 from ..model.loader import load_attn_block, load_mlp_block, resolve_dtype
 from ..model.shard import Shard
@@ -39,9 +39,7 @@ class Stats:
     """Per-session counters (seconds and counts), reported to the originator."""
 
     compute_s: float = 0.0
-    allreduce_wait_s: float = 0.0
-    framing_s: float = 0.0
-    rounds: int = 0
+    framing_s: float = 0.0  # hidden states in and out (the allreduce counts its own)
     steps: int = 0
 
     def as_dict(self) -> dict[str, float]:
@@ -57,23 +55,24 @@ class Session:
     rank: int
     world: int
     hub_rank: int
+    reduce: StarAllreduce
     worker: ShardWorker | None = None
-    hub_link: Link | None = None  # on a non-hub worker
-    worker_links: dict[int, Link] = field(default_factory=dict)  # on the hub
-    rounds: HubRounds | None = None
     commands: asyncio.Queue | None = None
     runner: asyncio.Task | None = None
     current: asyncio.Task | None = None  # the running step
     finished_req: int = -1  # requests up to this id are over: their stray parts/sums are dropped
     attached: asyncio.Future | None = None  # on a worker: the hub accepted our attach
-    round_future: asyncio.Future | None = None
-    round_key: Key | None = None
     stats: Stats = field(default_factory=Stats)
     broken: str | None = None
 
     @property
     def is_hub(self) -> bool:
         return self.rank == self.hub_rank
+
+    @property
+    def peer_links(self) -> list[Link]:
+        r = self.reduce
+        return [*([r.hub_link] if r.hub_link else []), *r.worker_links.values()]
 
 
 class Device:
@@ -152,7 +151,7 @@ class Device:
         for session in list(self.sessions.values()):
             if link is session.originator:
                 self._drop_session(session, f"originator closed the link ({error})")
-            elif link is session.hub_link or link in session.worker_links.values():
+            elif link in session.peer_links:
                 self._break_session(session, f"device {link.peer} was lost: {error}")
 
     # -- messages ---------------------------------------------------------------------------------------------
@@ -160,9 +159,15 @@ class Device:
     def _on_message(self, link: Link, msg: dict[str, Any]) -> None:
         kind = msg["t"]
         if kind == "part":
-            self._on_part(link, msg)
+            session = next((s for s in self.sessions.values() if link in s.reduce.worker_links.values()), None)
+            if session is None:
+                raise ProtocolError("part from a link that is not attached to a session on this hub")
+            session.reduce.on_part(link, msg)
         elif kind == "sum":
-            self._on_sum(link, msg)
+            session = next((s for s in self.sessions.values() if s.reduce.hub_link is link), None)
+            if session is None:
+                raise ProtocolError("sum from a link that is not a hub of any session here")
+            session.reduce.on_sum(msg)
         elif kind in ("step", "begin", "end"):
             session = self._session_of(link, msg)
             if session.broken:
@@ -184,7 +189,7 @@ class Device:
         elif kind == "attach":
             self._on_attach(link, msg)
         elif kind == "attached":
-            session = next((x for x in self.sessions.values() if x.hub_link is link), None)
+            session = next((x for x in self.sessions.values() if x.reduce.hub_link is link), None)
             if session is None or session.attached is None or session.attached.done():
                 raise ProtocolError("unexpected 'attached'")
             session.attached.set_result(None)
@@ -205,8 +210,11 @@ class Device:
         return session
 
     def _stats(self, session: Session) -> dict[str, Any]:
+        r = session.reduce.stats
         return {
             **session.stats.as_dict(),
+            "allreduce_wait_s": r.wait_s, "rounds": r.rounds, "reduce_s": r.reduce_s,
+            "framing_s": session.stats.framing_s + r.framing_s,
             "node": self.node_id,
             "rank": session.rank,
             "role": "hub" if session.is_hub else "worker",
@@ -223,13 +231,12 @@ class Device:
             rank, world, hub_rank = int(msg["rank"]), int(msg["world"]), int(msg["hub"])
             if not (0 <= rank < world and 0 <= hub_rank < world) or sid in self.sessions:
                 raise ProtocolError(f"bad load for session {sid}: rank {rank}, world {world}, hub {hub_rank}")
-        except (TypeError, ValueError, IndexError) as e:
-            link.close(ProtocolError(f"malformed load message: {e}"))
+        except (TypeError, ValueError, IndexError, ProtocolError) as e:
+            link.close(e if isinstance(e, ProtocolError) else ProtocolError(f"malformed load message: {e}"))
             return
-        session = Session(sid, link, rank, world, hub_rank)
+        session = Session(sid, link, rank, world, hub_rank,
+                          reduce=StarAllreduce(rank, world, hub_rank, self.timeouts.allreduce))
         session.commands = asyncio.Queue(maxsize=STEP_QUEUE)
-        if session.is_hub:
-            session.rounds = HubRounds(world)
         self.sessions[sid] = session
         try:
             t0 = time.perf_counter()
@@ -269,7 +276,7 @@ class Device:
             link = await connect(host, port, self.secret, self.node_id, timeouts=self.timeouts, info=self.info,
                                  on_message=self._on_message, on_close=self._on_close, max_frame=self.max_frame)
             self.links.add(link)
-            session.hub_link = link
+            session.reduce.hub_link = link
             session.attached = asyncio.get_running_loop().create_future()
             link.send({"t": "attach", "session": session.id, "rank": session.rank})
             try:
@@ -286,9 +293,9 @@ class Device:
         session = self.sessions.get(msg["session"])
         rank = msg["rank"]
         if session is None or not session.is_hub or not isinstance(rank, int) or not 0 <= rank < session.world \
-                or rank == session.rank or rank in session.worker_links:
+                or rank == session.rank or rank in session.reduce.worker_links:
             raise ProtocolError(f"bad attach for session {msg['session']!r} rank {rank!r}")
-        session.worker_links[rank] = link
+        session.reduce.worker_links[rank] = link
         link.send({"t": "attached", "session": session.id})
 
     # -- requests ---------------------------------------------------------------------------------------------
@@ -307,7 +314,8 @@ class Device:
                 session.finished_req = max(session.finished_req, req)
                 await loop.run_in_executor(self._compute, session.worker.end)
             else:
-                session.current = asyncio.current_task().get_loop().create_task(self._step(session, msg))
+                # the step is a child of this runner (awaited right here), so an abort can cancel it alone
+                session.current = loop.create_task(self._step(session, msg))
                 try:
                     await session.current
                 except asyncio.CancelledError:
@@ -316,6 +324,9 @@ class Device:
                     raise
                 except MeshError as e:
                     self._fail_request(session, req, str(e))
+                except Exception as e:  # e.g. a hidden state of the wrong shape: fail the request, keep serving
+                    log.exception("session %s: step failed", session.id)
+                    self._fail_request(session, req, f"{type(e).__name__}: {e}")
                 finally:
                     session.current = None
 
@@ -325,6 +336,9 @@ class Device:
         req, step, start = int(msg["req"]), int(msg["step"]), int(msg["start"])
         t = time.perf_counter()
         x = from_record(msg["x"], "hidden state").to(session.worker.dtype)
+        d = session.worker.config.hidden_size
+        if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != d or x.shape[1] == 0:
+            raise ProtocolError(f"hidden state of shape {list(x.shape)}; this model needs [1, T, {d}]")
         session.stats.framing_s += time.perf_counter() - t
         add = None
         for layer in range(session.worker.config.num_layers):
@@ -333,7 +347,7 @@ class Device:
                 x, part = await loop.run_in_executor(self._compute, self._phase, session.worker, layer, phase, x,
                                                      add, start)
                 session.stats.compute_s += time.perf_counter() - t
-                add = await self._allreduce(session, (req, step, layer, phase), part)
+                add = await session.reduce((req, step, layer, phase), part)
         if session.is_hub:
             t = time.perf_counter()
             last = x[:, -1:] + add[:, -1:]
@@ -351,92 +365,12 @@ class Device:
             part = worker.attn(layer, x, start) if phase == 0 else worker.mlp(layer, x)
             return x, part
 
-    async def _allreduce(self, session: Session, key: Key, part: torch.Tensor) -> torch.Tensor:
-        if session.world == 1:
-            return part
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        session.round_future, session.round_key = fut, key
-        t = time.perf_counter()
-        if session.is_hub:
-            self._hub_add(session, key, session.rank, part)
-        else:
-            req, step, layer, phase = key
-            session.hub_link.send({"t": "part", "req": req, "step": step, "layer": layer, "phase": phase,
-                                   "rank": session.rank, "x": to_record(part)})
-        t1 = time.perf_counter()
-        session.stats.framing_s += t1 - t
-        try:
-            result = await asyncio.wait_for(fut, self.timeouts.allreduce)
-        except TimeoutError as e:
-            missing = session.rounds.missing() if session.rounds else ["hub"]
-            raise MeshTimeoutError(f"allreduce round {key} timed out after {self.timeouts.allreduce} s waiting "
-                                   f"for rank(s) {missing}") from e
-        finally:
-            session.round_future = session.round_key = None
-        session.stats.allreduce_wait_s += time.perf_counter() - t1
-        session.stats.rounds += 1
-        return result
-
-    def _on_part(self, link: Link, msg: dict[str, Any]) -> None:
-        session = next((s for s in self.sessions.values() if link in s.worker_links.values()), None)
-        if session is None or session.rounds is None:
-            raise ProtocolError("part from a link that is not attached to a session on this hub")
-        key = (int(msg["req"]), int(msg["step"]), int(msg["layer"]), int(msg["phase"]))
-        if key[0] <= session.finished_req:
-            return  # a straggler of an aborted request
-        rank = msg["rank"]
-        if session.worker_links.get(rank) is not link:
-            raise ProtocolError(f"part claims rank {rank!r} on the link of another rank")
-        t = time.perf_counter()
-        part = from_record(msg["x"], "partial sum")
-        session.stats.framing_s += time.perf_counter() - t
-        try:
-            self._hub_add(session, key, rank, part)
-        except RoundError as e:
-            raise ProtocolError(str(e)) from e
-
-    def _hub_add(self, session: Session, key: Key, rank: int, part: torch.Tensor) -> None:
-        ordered = session.rounds.add(key, rank, part)
-        if ordered is None:
-            return
-        t = time.perf_counter()
-        total = ordered[0].float()
-        for p in ordered[1:]:
-            total = total + p.float()  # fp32, rank order: the same bits wherever it runs
-        total = total.to(ordered[0].dtype)
-        record = to_record(total)
-        req, step, layer, phase = key
-        for link in session.worker_links.values():
-            link.send({"t": "sum", "req": req, "step": step, "layer": layer, "phase": phase, "x": record})
-        session.stats.framing_s += time.perf_counter() - t
-        if session.round_key == key and not session.round_future.done():
-            session.round_future.set_result(total)
-        else:
-            raise RoundError(f"round {key} completed while this hub waits for {session.round_key}")
-
-    def _on_sum(self, link: Link, msg: dict[str, Any]) -> None:
-        session = next((s for s in self.sessions.values() if s.hub_link is link), None)
-        if session is None:
-            raise ProtocolError("sum from a link that is not a hub of any session here")
-        key = (int(msg["req"]), int(msg["step"]), int(msg["layer"]), int(msg["phase"]))
-        if key[0] <= session.finished_req:
-            return
-        if key != session.round_key or session.round_future is None or session.round_future.done():
-            raise ProtocolError(f"sum for round {key} while waiting for {session.round_key}")
-        t = time.perf_counter()
-        total = from_record(msg["x"], "allreduce sum")
-        session.stats.framing_s += time.perf_counter() - t
-        session.round_future.set_result(total)
-
     # -- failure ----------------------------------------------------------------------------------------------
 
     def _abort_request(self, session: Session, req: int, reason: str) -> None:
         """Stop `req` now: drop its queued commands, cancel its running step."""
         session.finished_req = max(session.finished_req, req)
-        if session.rounds is not None and session.rounds.key is not None and session.rounds.key[0] <= req:
-            session.rounds.reset()
-            session.rounds.last_closed = (req, 2**62, 0, 0)
+        session.reduce.abort(req)
         if session.current is not None and not session.current.done():
             session.current.cancel()
 
@@ -451,7 +385,7 @@ class Device:
         if session.broken:
             return
         session.broken = reason
-        req = session.round_key[0] if session.round_key else session.finished_req + 1
+        req = max(session.finished_req + 1, session.reduce.finished_req + 1)
         self._abort_request(session, req, reason)
         if session.originator.is_open:
             session.originator.send({"t": "abort", "session": session.id, "req": req, "reason": reason})
@@ -463,9 +397,8 @@ class Device:
             session.current.cancel()
         if session.runner is not None:
             session.runner.cancel()
-        for link in [session.hub_link, *session.worker_links.values()]:
-            if link is not None:
-                link.close()
+        for link in session.peer_links:
+            link.close()
         if session.worker is not None:
             session.worker.end()
 

@@ -21,7 +21,7 @@ class LocalCluster:
 
     def __init__(self, n: int, secret: bytes, *, threads: int | None = None, pin: bool = False,
                  start_timeout: float = 60.0, stop_timeout: float = 5.0, verbose: bool = False,
-                 log_dir: str | os.PathLike | None = None) -> None:
+                 log_dir: str | os.PathLike | None = None, cpus: list[int] | None = None) -> None:
         if n < 1:
             raise MeshError(f"--local-devices must be at least 1, got {n}")
         self.n = n
@@ -31,6 +31,7 @@ class LocalCluster:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.verbose = verbose
+        self.cpus = cpus  # with pin: device i runs on cpus[i % len(cpus)] (default: the cores we may use)
         self.log_dir = log_dir  # each device's stderr goes to log_dir/local-i.log instead of ours
         self.log_files: list = []
         self.procs: list[asyncio.subprocess.Process] = []
@@ -38,15 +39,17 @@ class LocalCluster:
 
     async def __aenter__(self) -> list[str]:
         env = {**os.environ, "MESHLLM_SECRET": self.secret.decode()}  # not on the command line: ps shows argv
-        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(cpu_count()))
+        cores = self.cpus or (sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                              else list(range(cpu_count())))
+        # N devices on one machine share its cores: by default each gets its share of threads, not all of them
+        threads = self.threads or max(1, len(cores) // self.n)
         try:
             for i in range(self.n):
                 cmd = [sys.executable, "-m", "meshllm", "join", "--host", "127.0.0.1", "--port", "0",
                        "--name", f"local-{i}"]
                 if self.pin:
                     cmd += ["--cpus", str(cores[i % len(cores)])]
-                if self.threads:
-                    cmd += ["--threads", str(self.threads)]
+                cmd += ["--threads", str(threads)]
                 cmd += ["--verbose"] if self.verbose else ["--quiet"]
                 stderr = None
                 if self.log_dir is not None:

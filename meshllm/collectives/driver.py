@@ -1,0 +1,132 @@
+"""StarAllreduce: the asyncio driver of the star rounds, over authenticated links.
+
+Workers send `part` frames to the hub and await the `sum`; the hub sums in fp32 in rank order (HubRounds says
+when a round is complete, and what is a protocol error) and sends the sum to every worker. A world of one is the
+identity. Strays of an aborted request are dropped; anything else out of order closes the offending link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import MeshTimeoutError, ProtocolError
+from ..runtime.tensors import from_record, to_record
+from .star import HubRounds, Key, RoundError
+
+
+@dataclass
+class ReduceStats:
+    """Counters of one StarAllreduce (seconds are sums over rounds)."""
+
+    rounds: int = 0
+    wait_s: float = 0.0  # from our part leaving to the sum arriving
+    framing_s: float = 0.0  # encoding and decoding tensors and frames
+    reduce_s: float = 0.0  # the hub's fp32 sums
+
+
+class StarAllreduce:
+    """One member's side of the star allreduce of one session."""
+
+    def __init__(self, rank: int, world: int, hub_rank: int, timeout: float) -> None:
+        self.rank, self.world, self.hub_rank = rank, world, hub_rank
+        self.timeout = timeout
+        self.hub_link = None  # on a worker
+        self.worker_links: dict[int, Any] = {}  # on the hub: rank -> link
+        self.rounds = HubRounds(world) if rank == hub_rank else None
+        self.finished_req = -1
+        self.stats = ReduceStats()
+        self._key: Key | None = None
+        self._future: asyncio.Future | None = None
+
+    @property
+    def is_hub(self) -> bool:
+        return self.rank == self.hub_rank
+
+    async def __call__(self, key: Key, part: torch.Tensor) -> torch.Tensor:
+        """Sum `part` over the world for round `key` (all members call with the same key, in the same order)."""
+        if self.world == 1:
+            return part
+        fut = asyncio.get_running_loop().create_future()
+        self._key, self._future = key, fut
+        t = time.perf_counter()
+        if self.is_hub:
+            self._add(key, self.rank, part)
+        else:
+            req, step, layer, phase = key
+            self.hub_link.send({"t": "part", "req": req, "step": step, "layer": layer, "phase": phase,
+                                "rank": self.rank, "x": to_record(part)})
+        t1 = time.perf_counter()
+        self.stats.framing_s += t1 - t
+        try:
+            total = await asyncio.wait_for(fut, self.timeout)
+        except TimeoutError as e:
+            who = self.rounds.missing() if self.rounds else ["the hub"]
+            raise MeshTimeoutError(f"allreduce round {key} timed out after {self.timeout} s waiting for rank(s) "
+                                   f"{who}") from e
+        finally:
+            self._key = self._future = None
+        self.stats.wait_s += time.perf_counter() - t1
+        self.stats.rounds += 1
+        return total
+
+    def on_part(self, link, msg: dict[str, Any]) -> None:
+        """Hub: a worker's part arrived (raises ProtocolError for a part that breaks the rounds)."""
+        key = (int(msg["req"]), int(msg["step"]), int(msg["layer"]), int(msg["phase"]))
+        if key[0] <= self.finished_req:
+            return  # a straggler of an aborted request
+        rank = msg["rank"]
+        if self.worker_links.get(rank) is not link:
+            raise ProtocolError(f"part claims rank {rank!r} on the link of another rank")
+        t = time.perf_counter()
+        part = from_record(msg["x"], "partial sum")
+        self.stats.framing_s += time.perf_counter() - t
+        try:
+            self._add(key, rank, part)
+        except RoundError as e:
+            raise ProtocolError(str(e)) from e
+
+    def on_sum(self, msg: dict[str, Any]) -> None:
+        """Worker: the hub's sum arrived."""
+        key = (int(msg["req"]), int(msg["step"]), int(msg["layer"]), int(msg["phase"]))
+        if key[0] <= self.finished_req:
+            return
+        if key != self._key or self._future is None or self._future.done():
+            raise ProtocolError(f"sum for round {key} while waiting for {self._key}")
+        t = time.perf_counter()
+        total = from_record(msg["x"], "allreduce sum")
+        self.stats.framing_s += time.perf_counter() - t
+        self._future.set_result(total)
+
+    def _add(self, key: Key, rank: int, part: torch.Tensor) -> None:
+        ordered = self.rounds.add(key, rank, part)
+        if ordered is None:
+            return
+        t = time.perf_counter()
+        total = ordered[0].float()
+        for p in ordered[1:]:
+            total = total + p.float()  # fp32, rank order: the same bits wherever it runs
+        total = total.to(ordered[0].dtype)
+        t1 = time.perf_counter()
+        record = to_record(total)
+        req, step, layer, phase = key
+        for link in self.worker_links.values():
+            link.send({"t": "sum", "req": req, "step": step, "layer": layer, "phase": phase, "x": record})
+        self.stats.reduce_s += t1 - t
+        self.stats.framing_s += time.perf_counter() - t1
+        if self._key != key or self._future is None or self._future.done():
+            raise RoundError(f"round {key} completed while this hub waits for {self._key}")
+        self._future.set_result(total)
+
+    def abort(self, req: int) -> None:
+        """Forget request `req` (and earlier): drop its open round; its strays are dropped from now on."""
+        self.finished_req = max(self.finished_req, req)
+        if self.rounds is not None and self.rounds.key is not None and self.rounds.key[0] <= req:
+            self.rounds.reset()
+
+    def missing(self) -> str:
+        return str(self.rounds.missing()) if self.rounds else "the hub"
