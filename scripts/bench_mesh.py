@@ -270,9 +270,13 @@ def main() -> None:
         out["decode_pinned"] = bench_decode(args, pinned=True)
     print_tables(out)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    cmd = out.pop("command")
+    out["commands"] = {k: cmd for k in ("allreduce", "decode", "decode_pinned") if k in out}
     if Path(args.out).exists() and args.only:
         old = json.loads(Path(args.out).read_text())
-        old.update({k: v for k, v in out.items()})
+        old.pop("command", None)
+        out["commands"] = {**old.get("commands", {}), **out["commands"]}
+        old.update(out)
         out = old
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.out}")
