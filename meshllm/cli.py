@@ -36,6 +36,24 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2, "MIB": 1024**2,
+          "G": 1000**3, "GB": 1000**3, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4, "TIB": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '500MB', '1.5G', '123456' -> bytes."""
+    t = text.strip().upper().replace(" ", "")
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1
+    if unit not in _UNITS or not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a size like 2GiB, 500MB or 1048576, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshllm", description="Run one Llama-family model across the devices of a LAN.")
@@ -75,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", metavar="W,W,...", help="capability weights per device for an uneven split "
                                                      "(default: what each device advertises)")
     g.add_argument("--pin", action="store_true", help="with --local-devices: pin device i to core i")
+    g.add_argument("--memory-budget", type=parse_size, metavar="SIZE",
+                   help="weights each local device (and this originator) may hold at once, e.g. 2GiB; devices "
+                        "stream the rest of their share from disk in a sliding window")
+    g.add_argument("--read-rate", type=parse_size, metavar="SIZE", help=argparse.SUPPRESS)  # test hook: bytes/s
     g.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
     g.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     g.set_defaults(func=_cmd_generate)
@@ -87,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--name", help="this device's name (default: random)")
     j.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch compute threads")
     j.add_argument("--cpus", metavar="LIST", help="pin this process to these CPUs (e.g. 0 or 0,1)")
+    j.add_argument("--memory-budget", type=parse_size, metavar="SIZE",
+                   help="weights this device may hold at once, e.g. 2GiB (default: no limit)")
+    j.add_argument("--cache-dir", metavar="DIR", help="where this device keeps its slices "
+                                                     "(default: $MESHLLM_HOME or ~/.cache/meshllm)")
+    j.add_argument("--read-rate", type=parse_size, metavar="SIZE", help=argparse.SUPPRESS)  # test hook: bytes/s
     j.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
     j.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     j.set_defaults(func=_cmd_join)
@@ -142,12 +169,14 @@ async def _engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitSt
     if args.local_devices:
         secret = local_secret()
         addresses = await stack.enter_async_context(
-            LocalCluster(args.local_devices, secret, threads=args.threads, pin=args.pin, verbose=args.verbose > 0))
-        return MeshEngine(model, addresses, secret, dtype=args.dtype, weights=weights, threads=args.threads)
+            LocalCluster(args.local_devices, secret, threads=args.threads, pin=args.pin, verbose=args.verbose > 0,
+                         memory_budget=args.memory_budget, read_rate=args.read_rate))
+        return MeshEngine(model, addresses, secret, dtype=args.dtype, weights=weights, threads=args.threads,
+                          memory_budget=args.memory_budget)
     if args.devices:
         addresses = [a for a in args.devices.split(",") if a.strip()]
         return MeshEngine(model, addresses, secret_bytes(args.secret), dtype=args.dtype, weights=weights,
-                          threads=args.threads)
+                          threads=args.threads, memory_budget=args.memory_budget)
     return LocalEngine(model, dtype=args.dtype, threads=args.threads)
 
 
@@ -194,7 +223,8 @@ async def _cmd_join(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Device(secret_bytes(args.secret), name=args.name, host=args.host, port=args.port,
-                      threads=threads) as device:
+                      threads=threads, budget=args.memory_budget, cache_dir=args.cache_dir,
+                      read_rate=args.read_rate) as device:
         print(f"{READY} {device.node_id} {args.host}:{device.port}", flush=True)
         await device.serve_until(stop)
         log.info("stopping")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from meshllm.model.default import cache_dir  # noqa: E402
+
+# the downloaded default model is shared with the user's cache; everything else the tests write (slice caches,
+# model hashes) goes to a private folder, inherited by the device processes they start
+USER_CACHE = cache_dir()
+os.environ["MESHLLM_HOME"] = tempfile.mkdtemp(prefix="meshllm-test-home-")
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +30,7 @@ def smollm2_gguf() -> Path:
         return Path(env)
     from meshllm.model.default import default_model_path
 
-    return default_model_path()
+    return default_model_path(root=USER_CACHE)
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +56,9 @@ def make_model(tmp_path_factory, spm_dir):
         return made[name]
 
     return make
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(os.environ["MESHLLM_HOME"], ignore_errors=True)

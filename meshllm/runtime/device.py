@@ -13,15 +13,20 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..collectives.driver import StarAllreduce
 from ..errors import MeshError, MeshTimeoutError, ProtocolError
-from ..model.loader import load_attn_block, load_mlp_block, resolve_dtype
+from ..cluster.plan import human_bytes
+from ..model.config import ModelConfig
+from ..model.loader import resolve_dtype
 from ..model.shard import Shard
-from ..model.source import open_model
+from ..model.default import cache_dir as default_cache_dir
+from ..scheduler.slices import SliceCache
+from .blocks import BlockStore
 from ..net.link import Link, Timeouts, connect, new_connection, parse_address
 from ..wire.frames import DEFAULT_MAX_FRAME
 from .executors import compute_executor, cpu_count, io_executor, set_torch_threads
@@ -62,6 +67,9 @@ class Session:
     current: asyncio.Task | None = None  # the running step
     finished_req: int = -1  # requests up to this id are over: their stray parts/sums are dropped
     attached: asyncio.Future | None = None  # on a worker: the hub accepted our attach
+    slices: asyncio.Queue | None = None  # streamed block chunks, one in flight
+    store: BlockStore | None = None
+    disk_mark: int = 0
     stats: Stats = field(default_factory=Stats)
     broken: str | None = None
 
@@ -80,17 +88,22 @@ class Device:
 
     def __init__(self, secret: bytes, *, name: str | None = None, host: str = "127.0.0.1", port: int = 0,
                  timeouts: Timeouts = Timeouts(), threads: int | None = None,
-                 max_frame: int = DEFAULT_MAX_FRAME, capability: float | None = None) -> None:
+                 max_frame: int = DEFAULT_MAX_FRAME, capability: float | None = None,
+                 cache_dir: str | os.PathLike | None = None, budget: int | None = None,
+                 read_rate: float | None = None) -> None:
         self.secret = secret
         self.node_id = name or f"dev-{uuid.uuid4().hex[:8]}"
         self.host, self.port = host, port
         self.timeouts = timeouts
         self.threads = threads
         self.max_frame = max_frame
-        self.info = {"cores": cpu_count(), "capability": capability or float(threads or cpu_count())}
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.budget = budget  # bytes of weights this device may hold at once (None: no limit)
+        self.read_rate = read_rate  # test hook: cap block reads at this many bytes/s (a slow disk)
+        self.info = {"cores": cpu_count(), "capability": capability or float(threads or cpu_count()),
+                     "budget": budget}
         self.links: set[Link] = set()
         self.sessions: dict[str, Session] = {}
-        self._shard_cache: tuple[tuple, tuple[Any, list, list, torch.dtype]] | None = None
         self._server: asyncio.Server | None = None
         self._tasks: asyncio.TaskGroup | None = None
 
@@ -181,6 +194,12 @@ class Device:
             session = self._session_of(link, msg)
             log.info("session %s: request %s aborted by the originator: %s", session.id, msg["req"], msg["reason"])
             self._abort_request(session, int(msg["req"]), str(msg["reason"]))
+        elif kind == "slice":
+            session = self._session_of(link, msg)
+            try:
+                session.slices.put_nowait(msg)
+            except asyncio.QueueFull:
+                raise ProtocolError("slice chunks sent without waiting for 'stored'") from None
         elif kind == "load":
             self._spawn(self._load(link, msg), f"load-{msg['session']}")
         elif kind == "connect_hub":
@@ -219,7 +238,13 @@ class Device:
             "rank": session.rank,
             "role": "hub" if session.is_hub else "worker",
             "peak_rss_bytes": peak_rss_bytes(),
-            "weight_bytes": session.worker.weight_bytes() if session.worker else 0,
+            "weight_bytes": session.store.total_bytes if session.store else 0,
+            "resident_weight_bytes": session.store.peak_resident_bytes if session.store else 0,
+            "disk_read_bytes": session.store.disk_read_bytes - session.disk_mark if session.store else 0,
+            "disk_read_total_bytes": session.store.disk_read_bytes if session.store else 0,
+            "read_s": session.store.read_s if session.store else 0.0,
+            "stall_s": session.store.stall_s if session.store else 0.0,
+            "budget_bytes": self.budget,
         }
 
     # -- loading ----------------------------------------------------------------------------------------------
@@ -229,46 +254,78 @@ class Device:
         try:
             shard = Shard(*[int(v) for v in msg["shard"][:4]], owns_bias=bool(msg["shard"][4]))
             rank, world, hub_rank = int(msg["rank"]), int(msg["world"]), int(msg["hub"])
-            if not (0 <= rank < world and 0 <= hub_rank < world) or sid in self.sessions:
+            config = ModelConfig.from_dict(msg["config"])
+            model_hash, dtype_name = str(msg["model_hash"]), str(msg["dtype"])
+            dtype = resolve_dtype(dtype_name, config)
+            shard.check(config)
+            if not (0 <= rank < world and 0 <= hub_rank < world) or sid in self.sessions \
+                    or not model_hash.isalnum():
                 raise ProtocolError(f"bad load for session {sid}: rank {rank}, world {world}, hub {hub_rank}")
-        except (TypeError, ValueError, IndexError, ProtocolError) as e:
+        except (TypeError, ValueError, IndexError, KeyError, MeshError) as e:
             link.close(e if isinstance(e, ProtocolError) else ProtocolError(f"malformed load message: {e}"))
             return
         session = Session(sid, link, rank, world, hub_rank,
                           reduce=StarAllreduce(rank, world, hub_rank, self.timeouts.allreduce))
         session.commands = asyncio.Queue(maxsize=STEP_QUEUE)
+        session.slices = asyncio.Queue(maxsize=2)
         self.sessions[sid] = session
+        loop = asyncio.get_running_loop()
         try:
             t0 = time.perf_counter()
-            session.worker = await asyncio.get_running_loop().run_in_executor(
-                self._io, self._load_shard, str(msg["model"]), msg.get("dtype"), shard)
-            log.info("session %s: rank %d/%d%s, shard %s loaded in %.2f s", sid, rank, world,
-                     " (hub)" if session.is_hub else "", shard, time.perf_counter() - t0)
-        except MeshError as e:
+            cache = SliceCache(self.cache_dir, model_hash, shard, dtype_name, 2 * config.num_layers)
+            missing, sizes = await loop.run_in_executor(self._io, cache.check)
+            if missing:
+                log.info("session %s: fetching %d of %d blocks from the originator", sid, len(missing),
+                         2 * config.num_layers)
+                link.send({"t": "need", "session": sid, "blocks": missing})
+                for _ in missing:
+                    index, size = await self._receive_block(session, cache)
+                    sizes[index] = size
+            store = BlockStore(cache, sizes, config, shard, self.budget, self._io, self.read_rate)
+            await store.start()
+            session.store = store
+            session.worker = ShardWorker(config, shard, [], [], dtype)
+            log.info("session %s: rank %d/%d%s, shard %s ready in %.2f s (%s of weights, %s)", sid, rank, world,
+                     " (hub)" if session.is_hub else "", shard, time.perf_counter() - t0,
+                     human_bytes(store.total_bytes),
+                     "all resident" if store.window.fits else f"window under {human_bytes(self.budget)}")
+        except (MeshError, OSError) as e:
             self.sessions.pop(sid, None)
-            link.send({"t": "loaded", "session": sid, "error": f"{type(e).__name__}: {e}"})
+            if link.is_open:
+                link.send({"t": "loaded", "session": sid, "error": f"{type(e).__name__}: {e}"})
             return
         session.runner = self._spawn(self._run_session(session), f"session-{sid}")
-        link.send({"t": "loaded", "session": sid, "weight_bytes": session.worker.weight_bytes(),
-                   "peak_rss_bytes": peak_rss_bytes()})
+        link.send({"t": "loaded", "session": sid, "weight_bytes": store.total_bytes,
+                   "resident_bytes": store.resident_bytes, "peak_rss_bytes": peak_rss_bytes()})
 
-    def _load_shard(self, model: str, dtype_name: str | None, shard: Shard) -> ShardWorker:
-        key = (model, dtype_name, shard)
-        if self._shard_cache is not None and self._shard_cache[0] == key:
-            config, attn, mlp, dtype = self._shard_cache[1]
-        else:
-            self._shard_cache = None  # release the old weights before reading new ones
-            src = open_model(model)
-            try:
-                config = src.config
-                shard.check(config)
-                dtype = resolve_dtype(dtype_name, config)
-                attn = [load_attn_block(src, i, shard, dtype) for i in range(config.num_layers)]
-                mlp = [load_mlp_block(src, i, shard, dtype) for i in range(config.num_layers)]
-            finally:
-                src.close()
-            self._shard_cache = (key, (config, attn, mlp, dtype))
-        return ShardWorker(config, shard, attn, mlp, dtype)
+    async def _receive_block(self, session: Session, cache: SliceCache) -> tuple[int, int]:
+        """Write one streamed block (chunks acknowledged one by one) into the cache; returns (index, size)."""
+        loop = asyncio.get_running_loop()
+        writer, index = None, None
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(session.slices.get(), self.timeouts.load)
+                except TimeoutError:
+                    raise MeshTimeoutError(f"no slice data from the originator for {self.timeouts.load} s") from None
+                if writer is None:
+                    index = int(msg["block"])
+                    writer = await loop.run_in_executor(self._io, cache.begin_block, index)
+                elif int(msg["block"]) != index or int(msg["offset"]) != writer.size:
+                    raise ProtocolError(f"slice chunk for block {msg['block']} at {msg['offset']} out of order")
+                await loop.run_in_executor(self._io, writer.write, msg["data"])
+                if msg.get("sha256"):
+                    digest = await loop.run_in_executor(self._io, writer.finish, str(msg["sha256"]))
+                    await loop.run_in_executor(self._io, cache.record, index, writer.size, digest)
+                    session.originator.send({"t": "stored", "session": session.id, "block": index,
+                                             "offset": writer.size, "done": True})
+                    return index, writer.size
+                session.originator.send({"t": "stored", "session": session.id, "block": index,
+                                         "offset": writer.size, "done": False})
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
 
     async def _connect_hub(self, session: Session, hub: str) -> None:
         try:
@@ -309,6 +366,7 @@ class Device:
             if req <= session.finished_req:
                 continue  # aborted already
             if kind == "begin":
+                session.disk_mark = session.store.disk_read_bytes  # disk_read_bytes counts per request
                 await loop.run_in_executor(self._compute, session.worker.begin, int(msg["capacity"]))
             elif kind == "end":
                 session.finished_req = max(session.finished_req, req)
@@ -341,12 +399,15 @@ class Device:
             raise ProtocolError(f"hidden state of shape {list(x.shape)}; this model needs [1, T, {d}]")
         session.stats.framing_s += time.perf_counter() - t
         add = None
+        store = session.store
         for layer in range(session.worker.config.num_layers):
             for phase in (0, 1):
+                block = await store.get(2 * layer + phase)  # resident, or read now (the window prefetches ahead)
                 t = time.perf_counter()
                 x, part = await loop.run_in_executor(self._compute, self._phase, session.worker, layer, phase, x,
-                                                     add, start)
+                                                     add, start, block)
                 session.stats.compute_s += time.perf_counter() - t
+                store.done(2 * layer + phase)  # released before the allreduce: the next reads overlap the wire
                 add = await session.reduce((req, step, layer, phase), part)
         if session.is_hub:
             t = time.perf_counter()
@@ -358,11 +419,11 @@ class Device:
 
     @staticmethod
     def _phase(worker: ShardWorker, layer: int, phase: int, x: torch.Tensor, add: torch.Tensor | None,
-               start: int) -> tuple[torch.Tensor, torch.Tensor]:
+               start: int, block) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
             if add is not None:
                 x = x + add  # the residual update of the previous allreduce, folded into this job
-            part = worker.attn(layer, x, start) if phase == 0 else worker.mlp(layer, x)
+            part = worker.attn(layer, x, start, block) if phase == 0 else worker.mlp(layer, x, block)
             return x, part
 
     # -- failure ----------------------------------------------------------------------------------------------
@@ -401,6 +462,8 @@ class Device:
             link.close()
         if session.worker is not None:
             session.worker.end()
+        if session.store is not None:
+            session.store.close()
 
     async def serve_until(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set."""

@@ -21,7 +21,9 @@ class LocalCluster:
 
     def __init__(self, n: int, secret: bytes, *, threads: int | None = None, pin: bool = False,
                  start_timeout: float = 60.0, stop_timeout: float = 5.0, verbose: bool = False,
-                 log_dir: str | os.PathLike | None = None, cpus: list[int] | None = None) -> None:
+                 log_dir: str | os.PathLike | None = None, cpus: list[int] | None = None,
+                 memory_budget: int | None = None, read_rate: int | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> None:
         if n < 1:
             raise MeshError(f"--local-devices must be at least 1, got {n}")
         self.n = n
@@ -32,6 +34,7 @@ class LocalCluster:
         self.stop_timeout = stop_timeout
         self.verbose = verbose
         self.cpus = cpus  # with pin: device i runs on cpus[i % len(cpus)] (default: the cores we may use)
+        self.memory_budget, self.read_rate, self.cache_dir = memory_budget, read_rate, cache_dir
         self.log_dir = log_dir  # each device's stderr goes to log_dir/local-i.log instead of ours
         self.log_files: list = []
         self.procs: list[asyncio.subprocess.Process] = []
@@ -50,6 +53,12 @@ class LocalCluster:
                 if self.pin:
                     cmd += ["--cpus", str(cores[i % len(cores)])]
                 cmd += ["--threads", str(threads)]
+                if self.memory_budget:
+                    cmd += ["--memory-budget", str(self.memory_budget)]
+                if self.read_rate:
+                    cmd += ["--read-rate", str(self.read_rate)]
+                if self.cache_dir:
+                    cmd += ["--cache-dir", str(self.cache_dir)]
                 cmd += ["--verbose"] if self.verbose else ["--quiet"]
                 stderr = None
                 if self.log_dir is not None:

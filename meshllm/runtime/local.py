@@ -78,5 +78,7 @@ class LocalEngine(Originator):
             "role": "originator",
             "peak_rss_bytes": peak_rss_bytes(),
             "weight_bytes": self.weight_bytes(),
+            "resident_weight_bytes": self.weight_bytes(),
+            "disk_read_bytes": 0,
             "share": 1.0,
         }]

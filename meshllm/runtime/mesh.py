@@ -8,18 +8,21 @@ sampling here. Only hidden states leave this process; prompt text and token ids 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from ..cluster.plan import DeviceSpec, Plan, make_plan
-from ..errors import DeviceLostError, MeshError, MeshTimeoutError, ProtocolError, RemoteError
+from ..cluster.plan import DeviceSpec, Plan, human_bytes, make_plan
+from ..errors import DeviceLostError, MeshError, MeshTimeoutError, PlanError, ProtocolError, RemoteError
+from ..model.default import cache_dir
+from ..model.fingerprint import model_hash
 from ..model.source import ModelSource
 from ..net.link import Link, Timeouts, connect, parse_address
 from ..wire.frames import DEFAULT_MAX_FRAME
@@ -27,6 +30,9 @@ from .originator import Originator, peak_rss_bytes
 from .tensors import from_record, to_record
 
 log = logging.getLogger("meshllm.mesh")
+
+CONTROL_QUEUE = 16  # control replies a device may have outstanding; more is a protocol violation
+CHUNK = 4 * 2**20  # bytes of a block file per `slice` frame
 
 
 @dataclass
@@ -37,6 +43,7 @@ class Member:
     link: Link
     rank: int = -1
     weight_bytes: int = 0
+    inbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=CONTROL_QUEUE))
 
     @property
     def name(self) -> str:
@@ -49,7 +56,7 @@ class MeshEngine(Originator):
     def __init__(self, model, devices: Sequence[str], secret: bytes, *, dtype: str | None = None,
                  weights: Sequence[float] | None = None, threads: int | None = None,
                  timeouts: Timeouts = Timeouts(), max_frame: int = DEFAULT_MAX_FRAME,
-                 node_id: str | None = None) -> None:
+                 node_id: str | None = None, memory_budget: int | None = None) -> None:
         super().__init__(model, dtype=dtype, threads=threads)
         if not devices:
             raise MeshError("no devices given: pass --devices HOST:PORT,... or --local-devices N")
@@ -60,6 +67,8 @@ class MeshEngine(Originator):
             raise MeshError(f"{len(self.weights)} split weights for {len(self.addresses)} devices")
         self.timeouts = timeouts
         self.max_frame = max_frame
+        self.budget = memory_budget  # this originator's own: its embedding and LM head must fit
+        self._stream_src = None
         self.node_id = node_id or f"orig-{uuid.uuid4().hex[:8]}"
         self.session = uuid.uuid4().hex[:12]
         self.members: list[Member] = []
@@ -73,7 +82,8 @@ class MeshEngine(Originator):
     # -- bring-up ----------------------------------------------------------------------------------------------
 
     def _load_more(self, src: ModelSource) -> None:
-        self._model_ref = str(Path(src.path).resolve())
+        self._model_ref = Path(src.path).resolve()
+        self.model_hash = model_hash(self._model_ref, src.config, cache_dir())
 
     async def _start(self) -> None:
         links = await asyncio.gather(*(self._connect(a) for a in self.addresses), return_exceptions=True)
@@ -81,30 +91,85 @@ class MeshEngine(Originator):
         self.members = [Member(a, link) for a, link in zip(self.addresses, links) if isinstance(link, Link)]
         if errors:
             raise errors[0]
-        specs = [DeviceSpec(m.link.conn.peer_id or m.address,
-                            self.weights[i] if self.weights else float(m.link.conn.peer_info.get("capability", 1.0)))
-                 for i, m in enumerate(self.members)]
+        if self.budget is not None and self.head.nbytes() > self.budget:
+            raise PlanError(f"the originator's embedding and LM head take {human_bytes(self.head.nbytes())}, over "
+                            f"its budget of {human_bytes(self.budget)}; the smallest budget that works here is "
+                            f"{human_bytes(self.head.nbytes())}")
+        specs = []
+        for i, m in enumerate(self.members):
+            info = m.link.conn.peer_info
+            budget = info.get("budget")
+            specs.append(DeviceSpec(m.link.conn.peer_id or m.address,
+                                    self.weights[i] if self.weights else float(info.get("capability", 1.0)),
+                                    int(budget) if isinstance(budget, int) else None))
         dtype_name = str(self.dtype).replace("torch.", "")
         self.plan = make_plan(self.config, specs, dtype_name)
         hub = self.members[self.plan.hub]
         log.info("mesh of %d: hub %s; shards %s", len(self.members), hub.name,
                  ", ".join(f"{m.link.conn.peer_id}: heads {s.q_start}-{s.q_stop} mlp {s.mlp_start}-{s.mlp_stop}"
                            for m, s in zip(self.members, self.plan.shards)))
-        loads = []
-        for rank, (m, shard) in enumerate(zip(self.members, self.plan.shards)):
+        for rank, m in enumerate(self.members):
             m.rank = rank
-            loads.append(self._request(m, "loaded", {
-                "t": "load", "session": self.session, "model": self._model_ref, "dtype": dtype_name,
-                "shard": [shard.q_start, shard.q_stop, shard.mlp_start, shard.mlp_stop, shard.owns_bias],
-                "rank": rank, "world": len(self.members), "hub": self.plan.hub,
-            }, self.timeouts.load, "loading its shard"))
-        for m, reply in zip(self.members, await asyncio.gather(*loads)):
-            m.weight_bytes = int(reply.get("weight_bytes", 0))
-        hub_address = hub.address
+        try:
+            await asyncio.gather(*(self._load_member(m, dtype_name) for m in self.members))
+        finally:
+            if self._stream_src is not None:
+                self._stream_src.close()
+                self._stream_src = None
         await asyncio.gather(*(self._request(m, "connected", {"t": "connect_hub", "session": self.session,
-                                                               "hub": hub_address},
+                                                               "hub": hub.address},
                                              self.timeouts.connect + self.timeouts.handshake, "joining the hub")
                                for m in self.members if m.rank != self.plan.hub))
+
+    async def _load_member(self, m: Member, dtype_name: str) -> None:
+        """Send the load; stream any blocks the device lacks; wait until it holds its shard."""
+        shard = self.plan.shards[m.rank]
+        m.link.send({
+            "t": "load", "session": self.session, "model_hash": self.model_hash, "config": self.config.to_dict(),
+            "dtype": dtype_name, "rank": m.rank, "world": len(self.members), "hub": self.plan.hub,
+            "shard": [shard.q_start, shard.q_stop, shard.mlp_start, shard.mlp_stop, shard.owns_bias],
+        })
+        while True:
+            reply = await self._reply(m, ("need", "loaded"), self.timeouts.load, "loading its shard")
+            if reply["t"] == "loaded":
+                m.weight_bytes = int(reply.get("weight_bytes", 0))
+                return
+            await self._stream_blocks(m, shard, [int(b) for b in reply["blocks"]])
+
+    async def _stream_blocks(self, m: Member, shard, blocks: list[int]) -> None:
+        """Send a device the block files of its shard it lacks, one acknowledged chunk at a time."""
+        from ..model.loader import load_attn_block, load_mlp_block
+        from ..model.source import open_model
+        from ..scheduler.slices import serialize_block
+        from .blocks import attn_tensors, mlp_tensors
+
+        loop = asyncio.get_running_loop()
+
+        def build(index: int) -> bytes:
+            if self._stream_src is None:  # opened once (GGUF parsing is slow), closed when the mesh is up
+                self._stream_src = open_model(self._model_ref)
+            src, layer = self._stream_src, index // 2
+            if index % 2 == 0:
+                return serialize_block(attn_tensors(load_attn_block(src, layer, shard, self.dtype)))
+            return serialize_block(mlp_tensors(load_mlp_block(src, layer, shard, self.dtype)))
+
+        sent, t0, shown = 0, time.perf_counter(), -1
+        for n, index in enumerate(blocks):
+            data = await loop.run_in_executor(self._io, build, index)
+            digest = hashlib.sha256(data).hexdigest()
+            for off in range(0, max(len(data), 1), CHUNK):
+                msg = {"t": "slice", "session": self.session, "block": index, "offset": off,
+                       "data": data[off:off + CHUNK]}
+                if off + CHUNK >= len(data):
+                    msg["sha256"] = digest
+                m.link.send(msg)
+                await self._reply(m, ("stored",), self.timeouts.load, "storing a slice")
+            sent += len(data)
+            pct = 100 * (n + 1) // len(blocks)
+            if pct // 10 != shown:
+                shown = pct // 10
+                log.info("streaming slices to %s: %d%% (%d/%d blocks, %s, %.1f s)", m.name, pct, n + 1,
+                         len(blocks), human_bytes(sent), time.perf_counter() - t0)
 
     async def _connect(self, address: str) -> Link:
         try:
@@ -133,8 +198,15 @@ class MeshEngine(Originator):
         elif kind == "abort":
             self._fail(RemoteError(f"device {link.peer} stopped request {msg['req']}: {msg['reason']}"))
             return
-        elif kind in ("loaded", "connected", "stats_reply"):
-            key = (kind, link)
+        elif kind in ("loaded", "connected", "stats_reply", "need", "stored"):
+            member = next((m for m in self.members if m.link is link), None)
+            if member is None:
+                raise ProtocolError(f"{kind!r} from a link that is not a member")
+            try:
+                member.inbox.put_nowait(msg)
+            except asyncio.QueueFull:
+                raise ProtocolError(f"{link.peer} sent more than {CONTROL_QUEUE} unsolicited replies") from None
+            return
         else:
             raise ProtocolError(f"an originator does not accept {kind!r} messages")
         fut = self._pending.get(key)
@@ -157,21 +229,29 @@ class MeshEngine(Originator):
             if not fut.done():
                 fut.set_exception(error)
 
-    async def _request(self, member: Member, reply: str, msg: dict[str, Any], timeout: float, what: str) -> dict:
-        key = (reply, member.link)
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[key] = fut
+    async def _reply(self, member: Member, kinds: tuple[str, ...], timeout: float, what: str) -> dict:
+        """The next control reply from `member`, which must be one of `kinds`."""
+        get = asyncio.ensure_future(member.inbox.get())
         try:
-            member.link.send(msg)
-            try:
-                answer = await asyncio.wait_for(fut, timeout)
-            except TimeoutError as e:
-                raise MeshTimeoutError(f"device {member.name} did not finish {what} within {timeout} s") from e
+            done, _ = await asyncio.wait({get, member.link.closed}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._pending.pop(key, None)
+            get.cancel()
+        if get in done and not get.cancelled():
+            answer = get.result()
+        elif member.link.closed.done():
+            raise DeviceLostError(f"lost device {member.name} while {what}: {member.link.error}")
+        else:
+            raise MeshTimeoutError(f"device {member.name} did not finish {what} within {timeout} s")
         if answer.get("error"):
             raise RemoteError(f"device {member.name} failed {what}: {answer['error']}")
+        if answer["t"] not in kinds:
+            raise ProtocolError(f"device {member.name} answered {answer['t']!r} while {what}")
         return answer
+
+    async def _request(self, member: Member, reply: str, msg: dict[str, Any], timeout: float, what: str) -> dict:
+        member.link.send(msg)
+        return await self._reply(member, (reply,), timeout, what)
 
     def _broadcast(self, msg: dict[str, Any]) -> None:
         if self._failure is not None:
@@ -240,13 +320,16 @@ class MeshEngine(Originator):
     async def devices(self) -> list[dict]:
         stats = await self.device_stats()
         out = [{"id": self.node_id, "role": "originator", "peak_rss_bytes": peak_rss_bytes(),
-                "weight_bytes": self.head.nbytes(), "share": 0.0,
+                "weight_bytes": self.head.nbytes(), "resident_weight_bytes": self.head.nbytes(), "disk_read_bytes": 0,
+                "memory_budget_bytes": self.budget, "share": 0.0,
                 "holds": "tokenizer, embedding, final norm, LM head"}]
         for m, s in zip(self.members, stats):
             shard = self.plan.shards[m.rank]
             out.append({
                 "id": s["node"], "address": m.address, "role": s["role"], "rank": m.rank,
                 "peak_rss_bytes": s["peak_rss_bytes"], "weight_bytes": s["weight_bytes"],
+                "resident_weight_bytes": s["resident_weight_bytes"], "disk_read_bytes": s["disk_read_bytes"],
+                "memory_budget_bytes": s["budget_bytes"],
                 "share": round(self.plan.share(m.rank, self.config), 4),
                 "q_heads": [shard.q_start, shard.q_stop], "mlp_columns": [shard.mlp_start, shard.mlp_stop],
             })

@@ -50,11 +50,11 @@ class ShardWorker:
             self._cos_sin = (start, length, self.rotary.cos_sin(start, length, self.dtype))
         return self._cos_sin[2]
 
-    def attn(self, layer: int, x: torch.Tensor, start: int) -> torch.Tensor:
-        """This shard's attention partial for `layer`, updating its KV cache."""
+    def attn(self, layer: int, x: torch.Tensor, start: int, blk: AttnBlock | None = None) -> torch.Tensor:
+        """This shard's attention partial for `layer` (its resident block, or `blk`), updating its KV cache."""
         cos, sin = self._rope(start, x.shape[1])
-        return attn_partial(self.attn_blocks[layer], x, cos, sin, self.caches[layer], start)
+        return attn_partial(blk or self.attn_blocks[layer], x, cos, sin, self.caches[layer], start)
 
-    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """This shard's MLP partial for `layer`."""
-        return mlp_partial(self.mlp_blocks[layer], x)
+    def mlp(self, layer: int, x: torch.Tensor, blk: MlpBlock | None = None) -> torch.Tensor:
+        """This shard's MLP partial for `layer` (its resident block, or `blk`)."""
+        return mlp_partial(blk or self.mlp_blocks[layer], x)

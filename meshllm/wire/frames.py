@@ -23,7 +23,10 @@ MESSAGE_TYPES: dict[str, tuple[str, ...]] = {
     "auth": ("mac",),
     "error": ("code", "reason"),
     # control, originator -> device
-    "load": ("session", "model", "shard", "rank", "world", "hub"),
+    "load": ("session", "model_hash", "config", "dtype", "shard", "rank", "world", "hub"),
+    "need": ("session", "blocks"),  # device -> originator: stream me these blocks of my shard
+    "slice": ("session", "block", "offset", "data"),  # one chunk of a block file; the last carries sha256
+    "stored": ("session", "block", "offset"),  # device -> originator: chunk written, send the next
     "loaded": ("session",),  # with weight_bytes, or error
     "connect_hub": ("session", "hub"),  # originator -> worker: open your link to the hub now
     "connected": ("session",),  # with error on failure

@@ -1,0 +1,117 @@
+"""BlockStore: a shard's weight blocks in memory, driven by the Window scheduler over the slice cache.
+
+When everything fits the budget (or there is none) every block is read once at start and kept. Otherwise blocks
+are read in the I/O executor ahead of use, in compute order, as the budget allows, and dropped as soon as their
+compute finishes; the compute executor and the allreduce on the wire run meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+
+import torch
+
+from ..model.config import ModelConfig
+from ..model.layers import AttnBlock, MlpBlock, kv_index_for
+from ..model.shard import Shard
+from ..scheduler.slices import SliceCache, read_block
+from ..scheduler.window import Window
+
+
+def attn_tensors(b: AttnBlock) -> dict[str, torch.Tensor | None]:
+    return {"norm": b.norm, "wqkv": b.wqkv, "bqkv": b.bqkv, "wo": b.wo, "bo": b.bo}
+
+
+def mlp_tensors(b: MlpBlock) -> dict[str, torch.Tensor | None]:
+    return {"norm": b.norm, "w13": b.w13, "b13": b.b13, "w2": b.w2, "b2": b.b2}
+
+
+def build_block(index: int, t: dict[str, torch.Tensor], config: ModelConfig, shard: Shard):
+    """Tensors read from a block file -> the block object the math takes."""
+    if index % 2 == 0:
+        kv0, kv1 = shard.kv_range(config)
+        return AttnBlock(norm=t["norm"], wqkv=t["wqkv"], bqkv=t.get("bqkv"), wo=t["wo"], bo=t.get("bo"),
+                         num_q=shard.num_q, num_kv=kv1 - kv0, head_dim=config.head_dim, eps=config.rms_norm_eps,
+                         kv_index=kv_index_for(config, shard.q_start, shard.q_stop))
+    return MlpBlock(norm=t["norm"], w13=t["w13"], b13=t.get("b13"), w2=t["w2"], b2=t.get("b2"),
+                    eps=config.rms_norm_eps)
+
+
+class BlockStore:
+    """Blocks 0..2L-1 (2*layer + phase) of one shard."""
+
+    def __init__(self, cache: SliceCache, sizes: dict[int, int], config: ModelConfig, shard: Shard,
+                 budget: int | None, io: Executor, read_rate: float | None = None) -> None:
+        self.cache, self.config, self.shard = cache, config, shard
+        self.window = Window([sizes[i] for i in range(len(sizes))], budget)
+        self.io = io
+        self.read_rate = read_rate
+        self.blocks: dict[int, object] = {}
+        self._loads: dict[int, asyncio.Future] = {}
+        self.disk_read_bytes = 0
+        self.read_s = 0.0
+        self.stall_s = 0.0  # time compute waited for a block that was not yet read
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.window.sizes)
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.window.resident_bytes
+
+    @property
+    def peak_resident_bytes(self) -> int:
+        return self.window.peak_bytes
+
+    async def start(self) -> None:
+        """Issue the first loads; when everything fits, wait for all of them."""
+        self._issue()
+        if self.window.fits:
+            await asyncio.gather(*self._loads.values())
+
+    def _issue(self) -> None:
+        loop = asyncio.get_running_loop()
+        for i in self.window.loads():
+            self._loads[i] = loop.run_in_executor(self.io, self._read, i)
+
+    def _read(self, i: int):
+        t0 = time.perf_counter()
+        tensors, n = read_block(self.cache.path(i), self.read_rate)
+        self.disk_read_bytes += n
+        self.read_s += time.perf_counter() - t0
+        return build_block(i, tensors, self.config, self.shard)
+
+    async def get(self, i: int):
+        """Block i, read first if it is not resident yet."""
+        if not self.window.ready(i):
+            if i not in self._loads:
+                self._issue()
+            fut = self._loads.get(i)
+            if fut is None:
+                raise RuntimeError(f"block {i} is neither resident nor loading (cursor {self.window.cursor})")
+            t0 = time.perf_counter()
+            try:
+                block = await fut
+            except BaseException:
+                self.window.failed(i)
+                self._loads.pop(i, None)
+                raise
+            self.stall_s += time.perf_counter() - t0
+            self._loads.pop(i, None)
+            self.blocks[i] = block
+            self.window.loaded(i)
+        return self.blocks[i]
+
+    def done(self, i: int) -> None:
+        """Block i's compute finished: release what the window says and prefetch what now fits."""
+        for j in self.window.computed(i):
+            self.blocks.pop(j, None)
+        self._issue()
+
+    def close(self) -> None:
+        for fut in self._loads.values():
+            fut.cancel()
+        self.blocks.clear()

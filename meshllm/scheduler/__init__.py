@@ -1,0 +1,1 @@
+"""The sliding-window scheduler (pure) and the per-device slice cache."""

@@ -1,0 +1,202 @@
+"""The per-device slice cache: one safetensors file per block (a layer's attention or MLP slice).
+
+Folder: <cache>/slices/<model hash>/<dtype>-q<a>_<b>-m<c>_<d>-b<0|1>/ with block files `L007.attn.safetensors`,
+`L007.mlp.safetensors` and a `manifest.json` (size and SHA-256 of each) written last. Every file is written to a
+temporary name, flushed to disk and renamed, so a crash never leaves a file under its final name; a file whose
+size or checksum is wrong is deleted and fetched again, never used. Files are read with plain reads (no mmap), so
+a released block leaves no resident pages behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MeshError
+from ..model.shard import Shard
+
+BLOCK_KINDS = ("attn", "mlp")
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+class CacheError(MeshError):
+    """The slice cache cannot be written (disk full, permissions): names the folder and the fix."""
+
+
+def block_name(index: int) -> str:
+    """Block index (2 * layer + phase) -> file name."""
+    return f"L{index // 2:03d}.{BLOCK_KINDS[index % 2]}.safetensors"
+
+
+def shard_folder(root: Path, model_hash: str, shard: Shard, dtype: str) -> Path:
+    return (Path(root) / "slices" / model_hash[:24] /
+            f"{dtype}-q{shard.q_start}_{shard.q_stop}-m{shard.mlp_start}_{shard.mlp_stop}-b{int(shard.owns_bias)}")
+
+
+def serialize_block(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Tensors -> safetensors file bytes (None entries are left out)."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items() if v is not None})
+
+
+def read_block(path: Path, rate: float | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Read a block file (at most `rate` bytes/s when given: a test hook for slow disks) -> tensors, bytes read."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = bytearray(size)
+        view = memoryview(buf)
+        pos, t0 = 0, time.perf_counter()
+        while pos < size:
+            n = f.readinto(view[pos:pos + (4 << 20)])
+            if not n:
+                raise OSError(errno.EIO, f"{path} shrank while being read")
+            pos += n
+            if rate:
+                ahead = pos / rate - (time.perf_counter() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+    (hlen,) = struct.unpack_from("<Q", buf)
+    header = json.loads(bytes(buf[8:8 + hlen]))
+    base = 8 + hlen
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        t = torch.frombuffer(buf, dtype=_DTYPES[info["dtype"]], count=(b - a) // _DTYPES[info["dtype"]].itemsize,
+                             offset=base + a) if b > a else torch.empty(0, dtype=_DTYPES[info["dtype"]])
+        out[name] = t.reshape(info["shape"])
+    return out, size
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class SliceCache:
+    """One shard's block files under a cache folder."""
+
+    def __init__(self, root: Path, model_hash: str, shard: Shard, dtype: str, num_blocks: int) -> None:
+        self.folder = shard_folder(root, model_hash, shard, dtype)
+        self.num_blocks = num_blocks
+        self.manifest_path = self.folder / "manifest.json"
+
+    def path(self, index: int) -> Path:
+        return self.folder / block_name(index)
+
+    def _manifest(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def check(self) -> tuple[list[int], dict[int, int]]:
+        """Verify every block against the manifest: (indices to fetch, sizes of the good ones).
+
+        A file that is missing, truncated, or whose SHA-256 differs is deleted here and listed for fetching.
+        """
+        entries = self._manifest().get("blocks", {})
+        missing, sizes = [], {}
+        for i in range(self.num_blocks):
+            p, entry = self.path(i), entries.get(str(i))
+            ok = entry is not None and p.exists() and p.stat().st_size == entry["size"] and \
+                sha256_file(p) == entry["sha256"]
+            if ok:
+                sizes[i] = entry["size"]
+            else:
+                missing.append(i)
+                p.unlink(missing_ok=True)
+        return missing, sizes
+
+    def begin_block(self, index: int) -> "BlockWriter":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return BlockWriter(self.path(index), self.folder)
+
+    def record(self, index: int, size: int, digest: str) -> None:
+        """Add a stored block to the manifest (rewritten atomically)."""
+        m = self._manifest() or {"version": 1, "blocks": {}}
+        m["blocks"][str(index)] = {"size": size, "sha256": digest}
+        _atomic_write(self.manifest_path, json.dumps(m, indent=1).encode(), self.folder)
+
+
+class BlockWriter:
+    """Writes one block file from chunks: temp file, checksum, fsync, rename."""
+
+    def __init__(self, path: Path, folder: Path) -> None:
+        self.path = path
+        self.folder = folder
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        self._hash = hashlib.sha256()
+        self.size = 0
+        try:
+            self._f = open(self.tmp, "wb")
+        except OSError as e:
+            raise _cache_error(e, folder) from e
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._f.write(data)
+        except OSError as e:
+            self.abort()
+            raise _cache_error(e, self.folder) from e
+        self._hash.update(data)
+        self.size += len(data)
+
+    def finish(self, expected_sha256: str) -> str:
+        """Close, verify, flush to disk and rename into place; returns the digest."""
+        digest = self._hash.hexdigest()
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        except OSError as e:
+            self.abort()
+            raise _cache_error(e, self.folder) from e
+        if digest != expected_sha256:
+            self.abort()
+            raise CacheError(f"block {self.path.name} arrived corrupted (SHA-256 {digest[:12]} != "
+                             f"{expected_sha256[:12]}); it will be fetched again")
+        os.replace(self.tmp, self.path)
+        return digest
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, data: bytes, folder: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _cache_error(e, folder) from e
+
+
+def _cache_error(e: OSError, folder: Path) -> CacheError:
+    if e.errno == errno.ENOSPC:
+        free = shutil.disk_usage(folder).free if folder.exists() else 0
+        return CacheError(f"no space left on the device writing the slice cache in {folder} ({free} bytes free); "
+                          f"free some disk or point --cache-dir at a larger disk")
+    return CacheError(f"cannot write the slice cache in {folder}: {e.strerror or e}")

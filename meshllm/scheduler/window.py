@@ -1,0 +1,87 @@
+"""The sliding-window scheduler, pure: which weight blocks to load and release under a byte budget.
+
+Blocks run in a fixed cyclic order (layer 0 attention, layer 0 MLP, layer 1 attention, ... then the next token).
+Resident blocks always form a contiguous window starting at the block computed next: loads are issued in order
+from there while they fit, and a block is released as soon as its compute finishes. With no budget, or a budget
+that holds every block, everything is loaded once and never released (no per-token reads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+ABSENT, LOADING, RESIDENT = "absent", "loading", "resident"
+
+
+class BudgetError(ValueError):
+    """The budget cannot hold even one block."""
+
+
+def minimum_budget(sizes: Sequence[int]) -> int:
+    """The smallest budget that works: the largest block (computed with nothing prefetched)."""
+    return max(sizes) if sizes else 0
+
+
+@dataclass
+class Window:
+    """Block states and the bytes they hold; the runtime turns its answers into reads and releases."""
+
+    sizes: Sequence[int]
+    budget: int | None = None
+    state: list[str] = field(init=False)
+    resident_bytes: int = field(init=False, default=0)  # loading blocks count: their memory is allocated
+    peak_bytes: int = field(init=False, default=0)
+    cursor: int = field(init=False, default=0)  # the block computed next
+
+    def __post_init__(self) -> None:
+        self.state = [ABSENT] * len(self.sizes)
+        if self.budget is not None and self.budget < minimum_budget(self.sizes):
+            raise BudgetError(f"budget of {self.budget} bytes cannot hold the largest block "
+                              f"({minimum_budget(self.sizes)} bytes)")
+
+    @property
+    def fits(self) -> bool:
+        """Everything fits: load once, never release."""
+        return self.budget is None or sum(self.sizes) <= self.budget
+
+    def loads(self) -> list[int]:
+        """Blocks to start loading now (marked loading), in compute order from the cursor."""
+        out = []
+        n = len(self.sizes)
+        for k in range(n):
+            i = (self.cursor + k) % n
+            if self.state[i] != ABSENT:
+                continue
+            if not self.fits and self.resident_bytes + self.sizes[i] > self.budget:
+                break  # in order only: never let a later block take the room of an earlier one
+            self.state[i] = LOADING
+            self.resident_bytes += self.sizes[i]
+            self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
+            out.append(i)
+        return out
+
+    def loaded(self, i: int) -> None:
+        if self.state[i] != LOADING:
+            raise RuntimeError(f"block {i} finished loading but was {self.state[i]}")
+        self.state[i] = RESIDENT
+
+    def ready(self, i: int) -> bool:
+        return self.state[i] == RESIDENT
+
+    def computed(self, i: int) -> list[int]:
+        """Block i's compute finished: advance the cursor; return the blocks to release."""
+        if self.state[i] != RESIDENT:
+            raise RuntimeError(f"block {i} computed while {self.state[i]}")
+        self.cursor = (i + 1) % len(self.sizes)
+        if self.fits:
+            return []
+        self.state[i] = ABSENT
+        self.resident_bytes -= self.sizes[i]
+        return [i]
+
+    def failed(self, i: int) -> None:
+        """A load failed: forget it so it can be retried."""
+        if self.state[i] == LOADING:
+            self.state[i] = ABSENT
+            self.resident_bytes -= self.sizes[i]

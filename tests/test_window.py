@@ -1,0 +1,88 @@
+"""The sliding-window scheduler core, pure: budget never exceeded, in-order prefetch, nothing evicted when it fits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from meshllm.scheduler.window import BudgetError, Window, minimum_budget
+
+
+def drive(w: Window, tokens: int, rng: random.Random | None = None) -> list[tuple[str, int]]:
+    """Run the runtime's loop: per block, wait for it (loads may complete late), compute, release."""
+    trace = []
+    n = len(w.sizes)
+    inflight: list[int] = []
+    for _ in range(tokens):
+        for i in range(n):
+            for j in w.loads():
+                inflight.append(j)
+                trace.append(("load", j))
+            assert w.budget is None or w.resident_bytes <= w.budget
+            while not w.ready(i):
+                # loads finish in order, possibly several at once
+                k = 1 if rng is None else rng.randint(1, max(1, len(inflight)))
+                for j in inflight[:k]:
+                    w.loaded(j)
+                del inflight[:k]
+            trace.append(("compute", i))
+            for j in w.computed(i):
+                trace.append(("release", j))
+    return trace
+
+
+def test_everything_resident_when_it_fits():
+    w = Window([10, 20, 10, 20], budget=60)
+    trace = drive(w, tokens=3)
+    assert [e for e in trace if e[0] == "load"] == [("load", i) for i in range(4)]  # once, at the start
+    assert not [e for e in trace if e[0] == "release"]
+    assert w.peak_bytes == 60
+
+
+def test_no_budget_means_everything_resident():
+    w = Window([5] * 8)
+    drive(w, tokens=2)
+    assert w.fits and w.resident_bytes == 40
+
+
+@pytest.mark.parametrize("budget", [20, 25, 30, 45, 59])
+def test_budget_is_never_exceeded_and_every_block_is_read_once_per_token(budget):
+    sizes = [10, 20, 10, 20, 10, 20]
+    w = Window(sizes, budget)
+    trace = drive(w, tokens=4, rng=random.Random(budget))
+    assert w.peak_bytes <= budget
+    loads = [i for kind, i in trace if kind == "load"]
+    assert len(loads) >= 6 * 3  # a windowed block is read again every token
+    # in order, cyclically: each load is the next block after the previous load
+    assert all(b == (a + 1) % 6 for a, b in zip(loads, loads[1:]))
+    computes = [i for kind, i in trace if kind == "compute"]
+    assert computes == list(range(6)) * 4
+
+
+def test_prefetch_runs_ahead_as_far_as_the_budget_allows():
+    w = Window([10] * 10, budget=35)
+    assert w.loads() == [0, 1, 2]  # three fit, the fourth would not
+    assert w.resident_bytes == 30
+    for i in (0, 1, 2):
+        w.loaded(i)
+    assert w.loads() == []
+    assert w.computed(0) == [0]
+    assert w.loads() == [3]  # the freed room goes to the next block in order
+
+
+def test_a_budget_below_the_largest_block_is_refused():
+    with pytest.raises(BudgetError, match="cannot hold the largest block"):
+        Window([10, 30, 10], budget=29)
+    assert minimum_budget([10, 30, 10]) == 30
+    w = Window([10, 30, 10], budget=30)  # exactly one block at a time still works
+    drive(w, tokens=2)
+    assert w.peak_bytes == 30
+
+
+def test_a_failed_load_can_be_retried():
+    w = Window([10, 10], budget=10)
+    assert w.loads() == [0]
+    w.failed(0)
+    assert w.resident_bytes == 0
+    assert w.loads() == [0]
