@@ -79,7 +79,8 @@ class BlockStore:
 
     def _read(self, i: int):
         t0 = time.perf_counter()
-        tensors, n = read_block(self.cache.path(i), self.read_rate)
+        # blocks that stay for good are copied in; windowed ones are mapped, so releasing them returns the pages
+        tensors, n = read_block(self.cache.path(i), self.read_rate, mapped=not self.window.fits)
         self.disk_read_bytes += n
         self.read_s += time.perf_counter() - t0
         return build_block(i, tensors, self.config, self.shard)

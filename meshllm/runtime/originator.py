@@ -26,7 +26,18 @@ log = logging.getLogger("meshllm.runtime")
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB)."""
+    """Peak resident set size of this process image.
+
+    Linux's VmHWM starts afresh at exec; getrusage's ru_maxrss does not (a child forked from a large parent
+    would report the parent's size), so it is only the fallback.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

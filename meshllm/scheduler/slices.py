@@ -12,7 +12,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
+import warnings
 import shutil
 import struct
 import time
@@ -49,33 +51,47 @@ def serialize_block(tensors: dict[str, torch.Tensor]) -> bytes:
     return save({k: v.contiguous() for k, v in tensors.items() if v is not None})
 
 
-def read_block(path: Path, rate: float | None = None) -> tuple[dict[str, torch.Tensor], int]:
-    """Read a block file (at most `rate` bytes/s when given: a test hook for slow disks) -> tensors, bytes read."""
+def read_block(path: Path, rate: float | None = None, *, mapped: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """Read a block file -> (tensors, bytes read). Blocking: call from the I/O executor.
+
+    mapped=False copies the file into private memory (blocks that stay resident for good). mapped=True maps it
+    read-only and faults every page in now (MAP_POPULATE), so the reading happens here, off the compute thread,
+    with no second copy; the pages leave this process when the block's tensors are dropped. `rate` caps the read
+    at that many bytes/s: a test hook that emulates a slow disk.
+    """
+    t0 = time.perf_counter()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        buf = bytearray(size)
-        view = memoryview(buf)
-        pos, t0 = 0, time.perf_counter()
-        while pos < size:
-            n = f.readinto(view[pos:pos + (4 << 20)])
-            if not n:
-                raise OSError(errno.EIO, f"{path} shrank while being read")
-            pos += n
-            if rate:
-                ahead = pos / rate - (time.perf_counter() - t0)
-                if ahead > 0:
-                    time.sleep(ahead)
+        if mapped and size:
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            buf = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ)
+        else:
+            buf = bytearray(size)
+            view = memoryview(buf)
+            pos = 0
+            while pos < size:
+                n = f.readinto(view[pos:pos + (4 << 20)])
+                if not n:
+                    raise OSError(errno.EIO, f"{path} shrank while being read")
+                pos += n
+    if rate:
+        ahead = size / rate - (time.perf_counter() - t0)
+        if ahead > 0:
+            time.sleep(ahead)
     (hlen,) = struct.unpack_from("<Q", buf)
     header = json.loads(bytes(buf[8:8 + hlen]))
     base = 8 + hlen
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        t = torch.frombuffer(buf, dtype=_DTYPES[info["dtype"]], count=(b - a) // _DTYPES[info["dtype"]].itemsize,
-                             offset=base + a) if b > a else torch.empty(0, dtype=_DTYPES[info["dtype"]])
-        out[name] = t.reshape(info["shape"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only map: the weights are never written
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            a, b = info["data_offsets"]
+            dt = _DTYPES[info["dtype"]]
+            t = torch.frombuffer(buf, dtype=dt, count=(b - a) // dt.itemsize, offset=base + a) if b > a \
+                else torch.empty(0, dtype=dt)
+            out[name] = t.reshape(info["shape"])
     return out, size
 
 

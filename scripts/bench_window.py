@@ -1,0 +1,234 @@
+"""Sliding-window benchmark: memory budgets on the ~1B synthetic model, a slow-disk run, and Accelerate offload.
+
+    python scripts/bench_window.py [--quick] [--tokens 8]
+
+1. N=2 local devices, budgets of 100%, 50%, 25%, 12.5% of each device's share: peak RSS per device, per-token
+   latency, disk bytes read per token (block files in the page cache after the first read).
+2. 25% budget with block reads rate-limited to 200 MB/s (a test hook emulating an SD card / slow SSD), next to the
+   ideal max(compute, disk) and the sum compute + disk.
+3. The paper's baseline: transformers + Accelerate disk offload (device_map, max_memory at the same budget,
+   offload_folder) on one device, next to meshllm at N=1 and N=2 under that budget: TTFT and per-token latency.
+Writes benchmarks/window.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+PROMPT_TOKENS = 16
+
+
+def prompt_ids(vocab: int) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, min(vocab, 30000), (PROMPT_TOKENS,), generator=g).tolist()
+
+
+async def run_mesh(model: Path, n: int, budget: int | None, tokens: int, cache: Path,
+                   read_rate: int | None = None) -> dict:
+    from meshllm.generation.loop import Result, generate
+    from meshllm.generation.sampling import SamplingParams
+    from meshllm.runtime.launcher import LocalCluster
+    from meshllm.runtime.mesh import MeshEngine, local_secret
+
+    secret = local_secret()
+    async with LocalCluster(n, secret, memory_budget=budget, cache_dir=cache, read_rate=read_rate) as addresses:
+        async with MeshEngine(model, addresses, secret, dtype="bfloat16") as mesh:
+            ids = prompt_ids(mesh.config.vocab_size)
+
+            async def once(k: int) -> tuple[Result, list[dict]]:
+                before = await mesh.device_stats()
+                result = Result()
+                async for _ in generate(mesh, mesh.tokenizer, ids, SamplingParams(max_tokens=k, ignore_eos=True),
+                                        result):
+                    pass
+                after = await mesh.device_stats()
+                return result, [{key: a[key] - b[key] for key in ("compute_s", "disk_read_total_bytes", "read_s",
+                                                                    "stall_s", "allreduce_wait_s")}
+                                for a, b in zip(after, before)]
+
+            await once(2)  # warm-up: first-call allocations
+            result, delta = await once(tokens)
+            devices = (await mesh.devices())[1:]
+    steps = tokens  # prefill + tokens-1 decode steps; per-token figures below are over the decode steps
+    return {
+        "N": n, "budget_bytes": budget, "tokens": tokens,
+        "ttft_s": result.ttft_s, "token_s": result.token_latency_s,
+        "share_bytes": [d["weight_bytes"] for d in devices],
+        "peak_rss_bytes": [d["peak_rss_bytes"] for d in devices],
+        "resident_weight_bytes": [d["resident_weight_bytes"] for d in devices],
+        "disk_bytes_per_token": [x["disk_read_total_bytes"] / steps for x in delta],
+        "compute_s_per_token": [x["compute_s"] / steps for x in delta],
+        "read_s_per_token": [x["read_s"] / steps for x in delta],
+        "stall_s_per_token": [x["stall_s"] / steps for x in delta],
+    }
+
+
+def accelerate_child(model: str, budget: int, tokens: int) -> None:
+    """In a child process: transformers + Accelerate disk offload, one device, same budget."""
+    import torch
+
+    from meshllm.runtime.originator import peak_rss_bytes
+    from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    torch.set_num_threads(os.cpu_count())
+    with tempfile.TemporaryDirectory() as off:
+        t0 = time.perf_counter()
+        m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, device_map="auto",
+                                                 max_memory={"cpu": budget}, offload_folder=off).eval()
+        load_s = time.perf_counter() - t0
+        placement = sorted(set(str(v) for v in getattr(m, "hf_device_map", {}).values()))
+
+        class Stamp(LogitsProcessor):
+            def __init__(self):
+                self.t = []
+
+            def __call__(self, input_ids, scores):
+                self.t.append(time.perf_counter())
+                return scores
+
+        ids = torch.tensor([prompt_ids(m.config.vocab_size)])
+        gc = GenerationConfig(do_sample=False, max_new_tokens=tokens, eos_token_id=None, pad_token_id=0)
+        stamp = Stamp()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            m.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc,
+                       logits_processor=LogitsProcessorList([stamp]))
+        gaps = [b - a for a, b in zip(stamp.t, stamp.t[1:])]
+        print(json.dumps({"ttft_s": stamp.t[0] - t0, "token_s": statistics.median(gaps), "load_s": load_s,
+                          "placement": placement,
+                          "peak_rss_bytes": peak_rss_bytes()}))
+
+
+def run_accelerate(model: Path, budget: int, tokens: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--_accelerate", str(model), str(budget), str(tokens)],
+                         capture_output=True, text=True, timeout=3600)
+    if out.returncode:
+        return {"error": out.stderr.strip()[-800:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def main_async(args) -> dict:
+    from meshllm.model.default import cache_dir
+    from synthetic import make_synthetic
+
+    name = {"tinyllama-1.1b": "tinyllama-1.1b-random-bf16", "llama-3b": "llama-3b-random-bf16"}[args.shape]
+    model = make_synthetic(cache_dir() / "bench" / name, shape=args.shape)
+    cache = cache_dir() / "bench" / "window-cache"
+    tokens = args.tokens
+    rows = []
+    print("== budgets, N=2", file=sys.stderr)
+    full = await run_mesh(model, 2, None, tokens, cache)
+    share = max(full["share_bytes"])
+    full["fraction"] = 1.0
+    rows.append(full)
+    for f in ((0.25,) if args.quick else (0.5, 0.25, 0.125)):
+        r = await run_mesh(model, 2, int(share * f), tokens, cache)
+        r["fraction"] = f
+        rows.append(r)
+    for r in rows:
+        r["rss_vs_unbudgeted"] = max(r["peak_rss_bytes"]) / max(full["peak_rss_bytes"])
+        r["token_vs_unbudgeted"] = r["token_s"] / full["token_s"]
+        print(f"   {r['fraction']:>6.1%}: {r['token_s']*1e3:7.1f} ms/token, peak RSS "
+              f"{max(r['peak_rss_bytes'])/2**20:6.0f} MiB ({r['rss_vs_unbudgeted']:.0%}), disk "
+              f"{max(r['disk_bytes_per_token'])/2**20:6.0f} MiB/token", file=sys.stderr)
+
+    print("== 25% budget, reads limited to 200 MB/s", file=sys.stderr)
+    rate = 200 * 10**6
+    slow = await run_mesh(model, 2, int(share * 0.25), 3 if args.quick else 4, cache, read_rate=rate)
+    compute = max(full["compute_s_per_token"])
+    disk = max(slow["disk_bytes_per_token"]) / rate
+    slow.update(fraction=0.25, read_rate=rate, ideal_max_s=max(compute, disk), sum_s=compute + disk)
+    print(f"   {slow['token_s']:.2f} s/token; ideal max(compute, disk) {slow['ideal_max_s']:.2f} s, "
+          f"sum {slow['sum_s']:.2f} s", file=sys.stderr)
+
+    if args.no_baseline:
+        return {"model": args.shape, "budgets": rows, "slow_disk": slow, "share_bytes": share}
+    print("== Accelerate disk offload vs meshllm at the same budget", file=sys.stderr)
+    budget = int(sum(full["share_bytes"]) * 0.25)  # a quarter of the whole model, per device
+    base_tokens = 3 if args.quick else 4
+    acc = run_accelerate(model, budget, base_tokens)
+    n1 = await run_mesh(model, 1, budget, base_tokens, cache)
+    n2 = await run_mesh(model, 2, budget, base_tokens, cache)
+    baseline = {"budget_bytes": budget, "tokens": base_tokens, "accelerate": acc,
+                "meshllm_N1": {k: n1[k] for k in ("ttft_s", "token_s", "peak_rss_bytes")},
+                "meshllm_N2": {k: n2[k] for k in ("ttft_s", "token_s", "peak_rss_bytes")}}
+    if "token_s" in acc:
+        for key, r in (("N1", n1), ("N2", n2)):
+            baseline[f"ttft_reduction_{key}"] = 1 - r["ttft_s"] / acc["ttft_s"]
+            baseline[f"token_reduction_{key}"] = 1 - r["token_s"] / acc["token_s"]
+    print(f"   {json.dumps(baseline)[:400]}", file=sys.stderr)
+    return {"model": args.shape, "budgets": rows, "slow_disk": slow, "accelerate_baseline": baseline,
+            "share_bytes": share}
+
+
+def print_tables(out: dict) -> None:
+    print(f"\nN=2, {out['model']} bf16, per device (max over devices)")
+    print(f"{'budget':>8}{'ms/token':>10}{'TTFT ms':>9}{'peak RSS MiB':>14}{'vs full':>9}{'resident MiB':>14}"
+          f"{'disk MiB/tok':>14}{'stall ms':>10}")
+    for r in out["budgets"]:
+        print(f"{r['fraction']:>8.1%}{r['token_s']*1e3:>10.1f}{r['ttft_s']*1e3:>9.0f}"
+              f"{max(r['peak_rss_bytes'])/2**20:>14.0f}{r['rss_vs_unbudgeted']:>9.0%}"
+              f"{max(r['resident_weight_bytes'])/2**20:>14.0f}{max(r['disk_bytes_per_token'])/2**20:>14.0f}"
+              f"{max(r['stall_s_per_token'])*1e3:>10.1f}")
+    s = out["slow_disk"]
+    print(f"\n25% budget, reads at 200 MB/s: {s['token_s']:.2f} s/token; ideal max(compute, disk) "
+          f"{s['ideal_max_s']:.2f} s; compute + disk {s['sum_s']:.2f} s")
+    if "accelerate_baseline" not in out:
+        return
+    b = out["accelerate_baseline"]
+    acc = b["accelerate"]
+    print(f"\nbudget {b['budget_bytes']/2**20:.0f} MiB per device, {b['tokens']} tokens")
+    print(f"{'engine':<28}{'TTFT s':>9}{'s/token':>9}")
+    if "token_s" in acc:
+        print(f"{'transformers+Accelerate N=1':<28}{acc['ttft_s']:>9.2f}{acc['token_s']:>9.2f}"
+              f"   (peak RSS {acc['peak_rss_bytes'] / 2**20:.0f} MiB; placement {', '.join(acc['placement'])})")
+    else:
+        print(f"transformers+Accelerate failed: {acc.get('error', '')[:300]}")
+    for key in ("N1", "N2"):
+        r = b[f"meshllm_{key}"]
+        red = (f"  ({b[f'ttft_reduction_{key}']:.0%} / {b[f'token_reduction_{key}']:.0%} lower)"
+               if f"ttft_reduction_{key}" in b else "")
+        print(f"{'meshllm ' + key:<28}{r['ttft_s']:>9.2f}{r['token_s']:>9.2f}{red}   (peak RSS "
+              f"{max(r['peak_rss_bytes']) / 2**20:.0f} MiB per device)")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--_accelerate":
+        accelerate_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--shape", choices=["tinyllama-1.1b", "llama-3b"], default="tinyllama-1.1b")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the Accelerate comparison")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "window.json"))
+    args = ap.parse_args()
+    out = asyncio.run(main_async(args))
+    out.update(benchmark="window", command="python scripts/bench_window.py " + " ".join(sys.argv[1:]),
+               machine={"cpus": os.cpu_count(), "python": platform.python_version()})
+    print_tables(out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
