@@ -177,6 +177,8 @@ async def _engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitSt
         addresses = [a for a in args.devices.split(",") if a.strip()]
         return MeshEngine(model, addresses, secret_bytes(args.secret), dtype=args.dtype, weights=weights,
                           threads=args.threads, memory_budget=args.memory_budget)
+    if args.memory_budget:
+        raise MeshError("--memory-budget applies to mesh devices: add --local-devices N (N=1 works) or --devices")
     return LocalEngine(model, dtype=args.dtype, threads=args.threads)
 
 

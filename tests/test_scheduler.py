@@ -183,3 +183,22 @@ async def test_a_device_in_a_memory_cgroup_below_its_share_completes(make_model,
     assert results["windowed"] == expected
     # the control: the same cap kills the device that holds its whole share
     assert isinstance(results["unbudgeted"], Exception) and results["unbudgeted_exit"] in (-9, 137)
+
+
+async def test_a_request_cut_short_under_a_budget_leaves_the_window_usable(make_model, tmp_path):
+    """An aborted request stops the window mid-token; the next request must start again from layer 0."""
+    folder = make_model("sched", **MODEL)
+    expected = await reference(folder)
+    secret = local_secret()
+    async with LocalCluster(2, secret, cache_dir=tmp_path / "cache", memory_budget=300_000) as addresses:
+        async with MeshEngine(folder, addresses, secret) as mesh:
+            for cut in (3, 1):
+                stream = mesh.stream(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True), chat=False)
+                n = 0
+                async for _ in stream:
+                    n += 1
+                    if n == cut:
+                        break
+                await stream.aclose()  # the request is aborted on every device
+                result = await mesh.generate(PROMPT, PARAMS, chat=False)
+                assert result.token_ids == expected

@@ -575,3 +575,14 @@ def test_random_splits_through_a_connection():
             got += b.receive_data(data[i:j])
             i = j
         assert got == sent
+
+
+def test_frames_are_small_until_the_peer_has_proved_the_secret():
+    """A stranger cannot make a device buffer a large frame: before the handshake the limit is 64 KiB."""
+    c = Connection(SECRET, "alpha", NONCE_A, initiator=False, max_frame=2**20)
+    c.start()
+    with pytest.raises(ProtocolError, match="exceeds the 65536-byte limit"):
+        c.receive_data(HEADER.pack(100_000))
+    _, b = ready_pair()
+    big = {"t": "ping", "nonce": b"x" * 200_000}
+    assert b.receive_data(encode_frame(big)) == [big]  # after it, the full frame limit applies

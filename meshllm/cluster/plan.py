@@ -73,24 +73,27 @@ def _split(total: int, weights: Sequence[float], unit: int, minimum: int) -> lis
     return sizes
 
 
+FILE_SLACK = 16 * 1024  # a block file's safetensors header, with room to spare
+
+
 def block_bytes(config: ModelConfig, shard: Shard, dtype: str) -> tuple[int, int]:
-    """Bytes of one layer's attention block and MLP block of a shard (the scheduler's unit)."""
+    """Bytes of one layer's attention block and MLP block of a shard as files (the scheduler's unit)."""
     b = BYTES.get(dtype, 4)
     d, hd = config.hidden_size, config.head_dim
     kv0, kv1 = shard.kv_range(config)
-    attn = d * hd * (2 * shard.num_q + 2 * (kv1 - kv0)) + d
+    q, kv = shard.num_q * hd, (kv1 - kv0) * hd
+    attn = d * (2 * q + 2 * kv) + d
     mlp = 3 * d * shard.num_mlp + d
-    return attn * b, mlp * b
+    if config.attention_bias:
+        attn += q + 2 * kv + d
+    if config.mlp_bias:
+        mlp += 2 * shard.num_mlp + d
+    return attn * b + FILE_SLACK, mlp * b + FILE_SLACK
 
 
 def layer_bytes(config: ModelConfig, shard: Shard, dtype: str) -> int:
-    """Bytes of one shard's weights over all layers (norms included)."""
-    b = BYTES.get(dtype, 4)
-    d, hd = config.hidden_size, config.head_dim
-    kv0, kv1 = shard.kv_range(config)
-    attn = d * hd * (2 * shard.num_q + 2 * (kv1 - kv0)) + d
-    mlp = 3 * d * shard.num_mlp + d
-    return config.num_layers * (attn + mlp) * b
+    """Bytes of one shard's weights over all layers (norms and biases included)."""
+    return config.num_layers * (sum(block_bytes(config, shard, dtype)) - 2 * FILE_SLACK)
 
 
 def head_bytes(config: ModelConfig, dtype: str) -> int:
@@ -136,7 +139,7 @@ def make_plan(config: ModelConfig, devices: Sequence[DeviceSpec], dtype: str, hu
             raise PlanError(
                 f"device {dev.name}'s memory budget of {human_bytes(dev.budget_bytes)} cannot hold even one block of "
                 f"its share (the largest is {human_bytes(smallest)}); the smallest budget that works is "
-                f"{human_bytes(smallest)} (more devices or a smaller weight for it also help)"
+                f"{human_bytes(smallest)} ({smallest} bytes; more devices or a smaller weight for it also help)"
             )
     if hub is None:
         hub = elect_hub(devices)

@@ -76,9 +76,12 @@ class StarAllreduce:
 
     def on_part(self, link, msg: dict[str, Any]) -> None:
         """Hub: a worker's part arrived (raises ProtocolError for a part that breaks the rounds)."""
-        key = (int(msg["req"]), int(msg["step"]), int(msg["layer"]), int(msg["phase"]))
+        key = _key(msg)
         if key[0] <= self.finished_req:
             return  # a straggler of an aborted request
+        if self.rounds.key is not None and key[0] > self.rounds.key[0]:
+            # a newer request's part: the open round's request was aborted (its abort may still be on its way)
+            self.abort(self.rounds.key[0])
         rank = msg["rank"]
         if self.worker_links.get(rank) is not link:
             raise ProtocolError(f"part claims rank {rank!r} on the link of another rank")
@@ -92,7 +95,7 @@ class StarAllreduce:
 
     def on_sum(self, msg: dict[str, Any]) -> None:
         """Worker: the hub's sum arrived."""
-        key = (int(msg["req"]), int(msg["step"]), int(msg["layer"]), int(msg["phase"]))
+        key = _key(msg)
         if key[0] <= self.finished_req:
             return
         if key != self._key or self._future is None or self._future.done():
@@ -128,5 +131,10 @@ class StarAllreduce:
         if self.rounds is not None and self.rounds.key is not None and self.rounds.key[0] <= req:
             self.rounds.reset()
 
-    def missing(self) -> str:
-        return str(self.rounds.missing()) if self.rounds else "the hub"
+
+
+def _key(msg: dict[str, Any]) -> Key:
+    key = (msg["req"], msg["step"], msg["layer"], msg["phase"])
+    if not all(type(k) is int for k in key):
+        raise ProtocolError(f"round key {key!r} must be integers")
+    return key

@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import DeviceLostError, HandshakeError, LinkError, MeshTimeoutError
+from ..errors import DeviceLostError, HandshakeError, LinkError, MeshTimeoutError, ProtocolError
 from ..wire.connection import Connection
 from ..wire.frames import DEFAULT_MAX_FRAME
 
@@ -34,6 +34,7 @@ class Timeouts:
 
 
 WRITE_HIGH = 4 * 2**20  # transport buffer above which senders must drain
+WRITE_LIMIT = 256 * 2**20  # a peer this far behind is not reading: the link is closed
 
 
 class Link(asyncio.Protocol):
@@ -52,7 +53,6 @@ class Link(asyncio.Protocol):
         self.closed: asyncio.Future[None] = loop.create_future()
         self._write_ok = asyncio.Event()
         self._write_ok.set()
-        self.frames_in = self.frames_out = 0
 
     # -- identity ---------------------------------------------------------------------------------------
 
@@ -89,15 +89,16 @@ class Link(asyncio.Protocol):
         self._flush()
         if not was_ready and self.conn.state == "ready" and not self.ready.done():
             self.ready.set_result(None)
-        self.frames_in += len(messages)
         for msg in messages:
             if self.closed.done():
                 return
             if self.on_message is not None:
                 try:
                     self.on_message(self, msg)
-                except LinkError as e:
-                    # the owner judged the message a protocol violation: close this link only
+                except (LinkError, TypeError, ValueError, KeyError) as e:
+                    # a protocol violation (or a field of the wrong type): close this link only
+                    if not isinstance(e, LinkError):
+                        e = ProtocolError(f"malformed {msg.get('t')!r} message: {type(e).__name__}: {e}")
                     self.conn.close_with_error("protocol", str(e))
                     self._flush()
                     self._fail(e)
@@ -127,8 +128,11 @@ class Link(asyncio.Protocol):
         """Frame and write one message now (never blocks; call `drain` after bulk sends)."""
         if self.closed.done() or self.transport is None:
             raise self.error or DeviceLostError(f"link to {self.peer} is closed")
+        if self.transport.get_write_buffer_size() > WRITE_LIMIT:
+            err = ProtocolError(f"{self.peer} does not read what we send ({WRITE_LIMIT} bytes queued)")
+            self._fail(err)
+            raise err
         self.transport.write(self.conn.encode(message))
-        self.frames_out += 1
 
     async def drain(self, timeout: float) -> None:
         """Wait until the write buffer is under its high mark."""

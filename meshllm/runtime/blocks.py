@@ -108,7 +108,22 @@ class BlockStore:
 
     def done(self, i: int) -> None:
         """Block i's compute finished: release what the window says and prefetch what now fits."""
+        if self.window.fits:
+            self.window.computed(i)
+            return
         for j in self.window.computed(i):
+            self.blocks.pop(j, None)
+        self._issue()
+
+    def rewind(self) -> None:
+        """Back to block 0 (each request starts there; an aborted one may have stopped anywhere)."""
+        if self.window.fits or self.window.cursor == 0 and not self._loads:
+            self.window.cursor = 0
+            return
+        for fut in self._loads.values():
+            fut.cancel()  # a read already running finishes in the I/O thread; its result is dropped
+        self._loads.clear()
+        for j in self.window.rewind():
             self.blocks.pop(j, None)
         self._issue()
 

@@ -69,6 +69,7 @@ class Session:
     attached: asyncio.Future | None = None  # on a worker: the hub accepted our attach
     slices: asyncio.Queue | None = None  # streamed block chunks, one in flight
     store: BlockStore | None = None
+    loader: asyncio.Task | None = None
     disk_mark: int = 0
     stats: Stats = field(default_factory=Stats)
     broken: str | None = None
@@ -183,6 +184,9 @@ class Device:
             session.reduce.on_sum(msg)
         elif kind in ("step", "begin", "end"):
             session = self._session_of(link, msg)
+            if session.worker is None:
+                raise ProtocolError(f"{kind!r} before session {session.id} finished loading")
+            self._check_command(session, msg)
             if session.broken:
                 link.send({"t": "abort", "session": session.id, "req": msg.get("req", -1), "reason": session.broken})
                 return
@@ -201,6 +205,8 @@ class Device:
             except asyncio.QueueFull:
                 raise ProtocolError("slice chunks sent without waiting for 'stored'") from None
         elif kind == "load":
+            if not isinstance(msg["session"], str) or msg["session"] in self.sessions:
+                raise ProtocolError(f"load for a bad or duplicate session id {msg['session']!r}")
             self._spawn(self._load(link, msg), f"load-{msg['session']}")
         elif kind == "connect_hub":
             session = self._session_of(link, msg)
@@ -255,6 +261,9 @@ class Device:
             shard = Shard(*[int(v) for v in msg["shard"][:4]], owns_bias=bool(msg["shard"][4]))
             rank, world, hub_rank = int(msg["rank"]), int(msg["world"]), int(msg["hub"])
             config = ModelConfig.from_dict(msg["config"])
+            config.validate("the load message's config")
+            if config.num_layers > 10_000:
+                raise ProtocolError(f"implausible layer count {config.num_layers}")
             model_hash, dtype_name = str(msg["model_hash"]), str(msg["dtype"])
             dtype = resolve_dtype(dtype_name, config)
             shard.check(config)
@@ -268,8 +277,10 @@ class Device:
                           reduce=StarAllreduce(rank, world, hub_rank, self.timeouts.allreduce))
         session.commands = asyncio.Queue(maxsize=STEP_QUEUE)
         session.slices = asyncio.Queue(maxsize=2)
+        session.loader = asyncio.current_task()  # so dropping the session mid-load cancels the load
         self.sessions[sid] = session
         loop = asyncio.get_running_loop()
+        store = None
         try:
             t0 = time.perf_counter()
             cache = SliceCache(self.cache_dir, model_hash, shard, dtype_name, 2 * config.num_layers)
@@ -278,8 +289,8 @@ class Device:
                 log.info("session %s: fetching %d of %d blocks from the originator", sid, len(missing),
                          2 * config.num_layers)
                 link.send({"t": "need", "session": sid, "blocks": missing})
-                for _ in missing:
-                    index, size = await self._receive_block(session, cache)
+                for expected in missing:
+                    index, size = await self._receive_block(session, cache, expected)
                     sizes[index] = size
             store = BlockStore(cache, sizes, config, shard, self.budget, self._io, self.read_rate)
             await store.start()
@@ -289,16 +300,22 @@ class Device:
                      " (hub)" if session.is_hub else "", shard, time.perf_counter() - t0,
                      human_bytes(store.total_bytes),
                      "all resident" if store.window.fits else f"window under {human_bytes(self.budget)}")
-        except (MeshError, OSError) as e:
+        except Exception as e:  # any failure here fails this load only, with the reason sent back
+            if not isinstance(e, (MeshError, OSError)):
+                log.exception("session %s: load failed", sid)
             self.sessions.pop(sid, None)
+            if store is not None:
+                store.close()
             if link.is_open:
                 link.send({"t": "loaded", "session": sid, "error": f"{type(e).__name__}: {e}"})
             return
+        finally:
+            session.loader = None
         session.runner = self._spawn(self._run_session(session), f"session-{sid}")
         link.send({"t": "loaded", "session": sid, "weight_bytes": store.total_bytes,
                    "resident_bytes": store.resident_bytes, "peak_rss_bytes": peak_rss_bytes()})
 
-    async def _receive_block(self, session: Session, cache: SliceCache) -> tuple[int, int]:
+    async def _receive_block(self, session: Session, cache: SliceCache, expected: int) -> tuple[int, int]:
         """Write one streamed block (chunks acknowledged one by one) into the cache; returns (index, size)."""
         loop = asyncio.get_running_loop()
         writer, index = None, None
@@ -309,10 +326,15 @@ class Device:
                 except TimeoutError:
                     raise MeshTimeoutError(f"no slice data from the originator for {self.timeouts.load} s") from None
                 if writer is None:
-                    index = int(msg["block"])
+                    index = msg["block"]
+                    if index != expected or msg["offset"] != 0:
+                        raise ProtocolError(f"slice for block {index!r} at {msg['offset']!r}; expected block "
+                                            f"{expected} from offset 0")
                     writer = await loop.run_in_executor(self._io, cache.begin_block, index)
-                elif int(msg["block"]) != index or int(msg["offset"]) != writer.size:
+                elif msg["block"] != index or msg["offset"] != writer.size:
                     raise ProtocolError(f"slice chunk for block {msg['block']} at {msg['offset']} out of order")
+                if not isinstance(msg["data"], bytes):
+                    raise ProtocolError("slice data must be bytes")
                 await loop.run_in_executor(self._io, writer.write, msg["data"])
                 if msg.get("sha256"):
                     digest = await loop.run_in_executor(self._io, writer.finish, str(msg["sha256"]))
@@ -358,35 +380,51 @@ class Device:
     # -- requests ---------------------------------------------------------------------------------------------
 
     async def _run_session(self, session: Session) -> None:
-        """Execute the session's begin/step/end commands in order."""
+        """Execute the session's begin/step/end commands in order; a failed command fails its request only."""
         loop = asyncio.get_running_loop()
         while True:
             msg = await session.commands.get()
-            kind, req = msg["t"], int(msg["req"])
+            kind, req = msg["t"], msg["req"]  # checked when queued
             if req <= session.finished_req:
                 continue  # aborted already
-            if kind == "begin":
-                session.disk_mark = session.store.disk_read_bytes  # disk_read_bytes counts per request
-                await loop.run_in_executor(self._compute, session.worker.begin, int(msg["capacity"]))
-            elif kind == "end":
-                session.finished_req = max(session.finished_req, req)
-                await loop.run_in_executor(self._compute, session.worker.end)
-            else:
-                # the step is a child of this runner (awaited right here), so an abort can cancel it alone
-                session.current = loop.create_task(self._step(session, msg))
-                try:
-                    await session.current
-                except asyncio.CancelledError:
-                    if session.current.cancelled() and not asyncio.current_task().cancelling():
-                        continue  # the step was aborted, the session goes on
-                    raise
-                except MeshError as e:
-                    self._fail_request(session, req, str(e))
-                except Exception as e:  # e.g. a hidden state of the wrong shape: fail the request, keep serving
-                    log.exception("session %s: step failed", session.id)
-                    self._fail_request(session, req, f"{type(e).__name__}: {e}")
-                finally:
-                    session.current = None
+            # each command is a child of this runner (awaited right here), so an abort can cancel it alone
+            session.current = loop.create_task(self._command(session, kind, msg))
+            try:
+                await session.current
+            except asyncio.CancelledError:
+                if session.current.cancelled() and not asyncio.current_task().cancelling():
+                    continue  # the request was aborted, the session goes on
+                raise
+            except MeshError as e:
+                self._fail_request(session, req, str(e))
+            except Exception as e:  # e.g. no memory for a KV cache: fail the request, keep serving
+                log.exception("session %s: %s failed", session.id, kind)
+                self._fail_request(session, req, f"{type(e).__name__}: {e}")
+            finally:
+                session.current = None
+
+    async def _command(self, session: Session, kind: str, msg: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        if kind == "begin":
+            session.disk_mark = session.store.disk_read_bytes  # disk_read_bytes counts per request
+            session.store.rewind()  # an aborted request may have left the window anywhere
+            await loop.run_in_executor(self._compute, session.worker.begin, msg["capacity"])
+        elif kind == "end":
+            session.finished_req = max(session.finished_req, msg["req"])
+            await loop.run_in_executor(self._compute, session.worker.end)
+        else:
+            await self._step(session, msg)
+
+    def _check_command(self, session: Session, msg: dict[str, Any]) -> None:
+        """Fields of begin/step/end, checked before anything acts on them (raises ProtocolError)."""
+        for key in ("req", "capacity", "start", "step"):
+            if key in msg and (type(msg[key]) is not int or msg[key] < 0):
+                raise ProtocolError(f"{msg['t']!r} field {key!r} must be a non-negative integer")
+        context = session.worker.config.max_position_embeddings
+        if msg["t"] == "begin" and not 0 < msg["capacity"] <= context:
+            raise ProtocolError(f"begin capacity {msg['capacity']} outside 1..{context}")
+        if msg["t"] == "step" and msg["start"] >= context:
+            raise ProtocolError(f"step start {msg['start']} beyond the context of {context}")
 
     async def _step(self, session: Session, msg: dict[str, Any]) -> None:
         """One forward step over this shard: per layer, attention then MLP, each followed by an allreduce."""
@@ -397,6 +435,10 @@ class Device:
         d = session.worker.config.hidden_size
         if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != d or x.shape[1] == 0:
             raise ProtocolError(f"hidden state of shape {list(x.shape)}; this model needs [1, T, {d}]")
+        capacity = session.worker.capacity
+        if start + x.shape[1] > capacity:
+            raise ProtocolError(f"step covers positions {start}..{start + x.shape[1]} but the request began with "
+                                f"room for {capacity}")
         session.stats.framing_s += time.perf_counter() - t
         add = None
         store = session.store
@@ -407,6 +449,7 @@ class Device:
                 x, part = await loop.run_in_executor(self._compute, self._phase, session.worker, layer, phase, x,
                                                      add, start, block)
                 session.stats.compute_s += time.perf_counter() - t
+                del block  # no reference may outlive the release, or the window holds one block too many
                 store.done(2 * layer + phase)  # released before the allreduce: the next reads overlap the wire
                 add = await session.reduce((req, step, layer, phase), part)
         if session.is_hub:
@@ -454,6 +497,8 @@ class Device:
     def _drop_session(self, session: Session, reason: str) -> None:
         log.info("session %s closed: %s", session.id, reason)
         self.sessions.pop(session.id, None)
+        if session.loader is not None:
+            session.loader.cancel()
         if session.current is not None:
             session.current.cancel()
         if session.runner is not None:

@@ -69,6 +69,7 @@ class MeshEngine(Originator):
         self.max_frame = max_frame
         self.budget = memory_budget  # this originator's own: its embedding and LM head must fit
         self._stream_src = None
+        self._active = False  # a request is between begin and end
         self.node_id = node_id or f"orig-{uuid.uuid4().hex[:8]}"
         self.session = uuid.uuid4().hex[:12]
         self.members: list[Member] = []
@@ -116,6 +117,7 @@ class MeshEngine(Originator):
             if self._stream_src is not None:
                 self._stream_src.close()
                 self._stream_src = None
+        self._active = False  # a request is between begin and end
         await asyncio.gather(*(self._request(m, "connected", {"t": "connect_hub", "session": self.session,
                                                                "hub": hub.address},
                                              self.timeouts.connect + self.timeouts.handshake, "joining the hub")
@@ -196,7 +198,8 @@ class MeshEngine(Originator):
         if kind == "result":
             key = ("result", (msg["req"], msg["step"]))
         elif kind == "abort":
-            self._fail(RemoteError(f"device {link.peer} stopped request {msg['req']}: {msg['reason']}"))
+            if msg["req"] == self.req:  # an abort of an earlier request (which already ended) is old news
+                self._fail(RemoteError(f"device {link.peer} stopped request {msg['req']}: {msg['reason']}"))
             return
         elif kind in ("loaded", "connected", "stats_reply", "need", "stored"):
             member = next((m for m in self.members if m.link is link), None)
@@ -262,17 +265,23 @@ class MeshEngine(Originator):
     # -- Backend -------------------------------------------------------------------------------------------
 
     async def begin(self, capacity: int) -> None:
+        if self._failure is not None and all(m.link.is_open for m in self.members):
+            self._failure = None  # the last request failed on a device, but every device is still here
         self.req += 1
         self.step = 0
+        self._active = True
         self._broadcast({"t": "begin", "session": self.session, "req": self.req, "capacity": capacity})
 
     async def end(self) -> None:
+        self._active = False
         if self._failure is None:
             for m in self.members:
                 if m.link.is_open:
                     m.link.send({"t": "end", "session": self.session, "req": self.req})
 
     def abort(self, reason: str) -> None:
+        if not self._active:
+            return  # the request already ended: never abort the next one by mistake
         for m in self.members:
             if m.link.is_open:
                 m.link.send({"t": "abort", "session": self.session, "req": self.req, "reason": reason})

@@ -7,6 +7,7 @@ ids never leave it. Subclasses supply the layers (`_forward_hidden`): the whole 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -64,7 +65,7 @@ class Originator:
             await self._start()
         except BaseException:
             await self._stop()
-            self._shutdown_executors()
+            await asyncio.to_thread(self._shutdown_executors)
             raise
         self.load_s = time.perf_counter() - t0
         return self
@@ -73,7 +74,8 @@ class Originator:
         try:
             await self._stop()
         finally:
-            self._shutdown_executors()
+            # waiting for a running job (a long prefill) must not freeze the app's loop
+            await asyncio.to_thread(self._shutdown_executors)
 
     def _shutdown_executors(self) -> None:
         self._compute.shutdown(wait=True, cancel_futures=True)
@@ -173,8 +175,10 @@ class Originator:
         async with self._lock:
             t0 = time.perf_counter()
             ids = self.encode_prompt(prompt, chat)
-            async for piece in generate(self, self.tokenizer, ids, params, result, started=t0):
-                yield piece
+            # closing this stream must close the decode loop now (its abort), not whenever it is collected
+            async with contextlib.aclosing(generate(self, self.tokenizer, ids, params, result, started=t0)) as gen:
+                async for piece in gen:
+                    yield piece
 
     async def generate(self, prompt: str | list[dict], params: SamplingParams = SamplingParams(), *,
                        chat: bool | None = None) -> Result:

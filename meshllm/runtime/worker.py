@@ -20,6 +20,7 @@ class ShardWorker:
         self.attn_blocks, self.mlp_blocks = attn, mlp
         self.rotary = Rotary(config)
         self.caches: list[LayerKV] = []
+        self.capacity = 0
         self._cos_sin: tuple[int, int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
@@ -39,6 +40,7 @@ class ShardWorker:
         kv0, kv1 = self.shard.kv_range(self.config)
         self.caches = [LayerKV(kv1 - kv0, self.config.head_dim, capacity, self.dtype)
                        for _ in range(self.config.num_layers)]
+        self.capacity = capacity
         self._cos_sin = None
 
     def end(self) -> None:

@@ -18,6 +18,7 @@ import warnings
 import shutil
 import struct
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,7 @@ class BlockWriter:
     def __init__(self, path: Path, folder: Path) -> None:
         self.path = path
         self.folder = folder
-        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        self.tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")  # unique: sessions may race
         self._hash = hashlib.sha256()
         self.size = 0
         try:
@@ -198,7 +199,7 @@ class BlockWriter:
 
 
 def _atomic_write(path: Path, data: bytes, folder: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -14,7 +14,10 @@ from typing import Sequence
 ABSENT, LOADING, RESIDENT = "absent", "loading", "resident"
 
 
-class BudgetError(ValueError):
+from ..errors import MeshError
+
+
+class BudgetError(MeshError):
     """The budget cannot hold even one block."""
 
 
@@ -79,6 +82,17 @@ class Window:
         self.state[i] = ABSENT
         self.resident_bytes -= self.sizes[i]
         return [i]
+
+    def rewind(self) -> list[int]:
+        """Start over at block 0 (a new request, or one cut short): release what a window holds; returns those."""
+        self.cursor = 0
+        if self.fits:
+            return []
+        dropped = [i for i, st in enumerate(self.state) if st != ABSENT]
+        for i in dropped:
+            self.state[i] = ABSENT
+        self.resident_bytes = 0
+        return dropped
 
     def failed(self, i: int) -> None:
         """A load failed: forget it so it can be retried."""

@@ -19,6 +19,7 @@ from ..errors import AuthenticationError, HandshakeError, ProtocolError, RemoteE
 from .frames import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, encode_frame
 
 _LABEL = b"meshllm-handshake-v1"
+HANDSHAKE_MAX_FRAME = 64 * 1024
 SECRET_HINT = "use the same --secret (or MESHLLM_SECRET) on every device of the mesh"
 
 
@@ -46,7 +47,8 @@ class Connection:
         self.peer_info: dict[str, Any] = {}
         self.state = "new"  # new -> hello_sent -> auth_sent -> ready | closed
         self._peer_nonce: bytes | None = None
-        self._decoder = FrameDecoder(max_frame)
+        # until the peer has proved the secret, frames are small: a stranger cannot make us buffer megabytes
+        self._decoder = FrameDecoder(HANDSHAKE_MAX_FRAME)
         self._out: list[bytes] = []
         self.bytes_in = self.bytes_out = 0
 
@@ -157,6 +159,7 @@ class Connection:
                 self.close_with_error("auth", f"authentication failed: the mesh secrets differ; {SECRET_HINT}")
                 raise AuthenticationError(reason)
             self.state = "ready"
+            self._decoder.max_frame = self.max_frame
             return
         self.close_with_error("protocol", f"unexpected {kind!r} during the handshake")
         raise ProtocolError(f"peer sent {kind!r} during the handshake (state {self.state})")
