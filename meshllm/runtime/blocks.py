@@ -117,9 +117,9 @@ class BlockStore:
 
     def rewind(self) -> None:
         """Back to block 0 (each request starts there; an aborted one may have stopped anywhere)."""
-        if self.window.fits or self.window.cursor == 0 and not self._loads:
+        if self.window.fits or self.window.cursor == 0:
             self.window.cursor = 0
-            return
+            return  # already at block 0, with its prefetch under way: nothing to undo
         for fut in self._loads.values():
             fut.cancel()  # a read already running finishes in the I/O thread; its result is dropped
         self._loads.clear()
