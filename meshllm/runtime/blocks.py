@@ -111,8 +111,11 @@ class BlockStore:
         if self.window.fits:
             self.window.computed(i)
             return
-        for j in self.window.computed(i):
-            self.blocks.pop(j, None)
+        dropped = [self.blocks.pop(j) for j in self.window.computed(i) if j in self.blocks]
+        if dropped:
+            # the last references go to the I/O thread, so the unmapping happens there (not on the loop, not on the
+            # allreduce's critical path) and, the executor being FIFO, before the reads that reuse the room
+            self.io.submit(dropped.clear)
         self._issue()
 
     def rewind(self) -> None:
