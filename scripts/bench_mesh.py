@@ -24,9 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from benchlib import ROOT, measured_request  # noqa: E402 (sets the import path first)
+
 SECRET = b"bench-mesh-secret"
 
 
@@ -182,7 +181,6 @@ def _models(args) -> list[tuple[str, Path, str | None]]:
 async def _decode_one(model: Path, dtype, n: int, *, pin: bool, reps: int, new_tokens: int) -> dict:
     import torch
 
-    from meshllm.generation.sampling import SamplingParams
     from meshllm.runtime.launcher import LocalCluster
     from meshllm.runtime.mesh import MeshEngine, local_secret
 
@@ -194,17 +192,9 @@ async def _decode_one(model: Path, dtype, n: int, *, pin: bool, reps: int, new_t
             g = torch.Generator().manual_seed(0)
             ids = torch.randint(3, min(mesh.config.vocab_size, 30000), (32,), generator=g).tolist()
 
-            async def run(tokens: int):
-                from meshllm.generation.loop import Result, generate
-
-                before = await mesh.device_stats()
-                result = Result()
-                async for _ in generate(mesh, mesh.tokenizer, ids, SamplingParams(max_tokens=tokens, ignore_eos=True),
-                                        result):
-                    pass
-                after = await mesh.device_stats()
-                return result, [{k: a[k] - b[k] for k in ("compute_s", "allreduce_wait_s", "framing_s", "reduce_s",
-                                                          "rounds", "steps")} for a, b in zip(after, before)]
+            def run(tokens: int):
+                return measured_request(mesh, ids, tokens, ("compute_s", "allreduce_wait_s", "framing_s", "reduce_s",
+                                                            "rounds", "steps"))
 
             await run(4)  # warm-up
             lat, ttft, prefill_stats, decode_stats = [], [], None, None

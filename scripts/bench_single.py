@@ -22,11 +22,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from benchlib import ROOT  # noqa: E402 (sets the import path first)
 
 from meshllm.generation.sampling import Sampler, SamplingParams  # noqa: E402
 from meshllm.model.default import cache_dir, default_model_path  # noqa: E402

@@ -25,11 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from benchlib import ROOT, measured_request  # noqa: E402 (sets the import path first)
 
 PROMPT_TOKENS = 16
 
@@ -43,8 +39,6 @@ def prompt_ids(vocab: int) -> list[int]:
 
 async def run_mesh(model: Path, n: int, budget: int | None, tokens: int, cache: Path,
                    read_rate: int | None = None) -> dict:
-    from meshllm.generation.loop import Result, generate
-    from meshllm.generation.sampling import SamplingParams
     from meshllm.runtime.launcher import LocalCluster
     from meshllm.runtime.mesh import MeshEngine, local_secret
 
@@ -53,16 +47,9 @@ async def run_mesh(model: Path, n: int, budget: int | None, tokens: int, cache: 
         async with MeshEngine(model, addresses, secret, dtype="bfloat16") as mesh:
             ids = prompt_ids(mesh.config.vocab_size)
 
-            async def once(k: int) -> tuple[Result, list[dict]]:
-                before = await mesh.device_stats()
-                result = Result()
-                async for _ in generate(mesh, mesh.tokenizer, ids, SamplingParams(max_tokens=k, ignore_eos=True),
-                                        result):
-                    pass
-                after = await mesh.device_stats()
-                return result, [{key: a[key] - b[key] for key in ("compute_s", "disk_read_total_bytes", "read_s",
-                                                                    "stall_s", "allreduce_wait_s")}
-                                for a, b in zip(after, before)]
+            def once(k: int):
+                return measured_request(mesh, ids, k, ("compute_s", "disk_read_total_bytes", "read_s", "stall_s",
+                                                       "allreduce_wait_s"))
 
             await once(2)  # warm-up: first-call allocations
             result, delta = await once(tokens)

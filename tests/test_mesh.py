@@ -10,11 +10,11 @@ import pytest_asyncio
 import torch
 
 from helpers.checkpoints import VARIANTS
+from helpers.wire import split_frames
 from meshllm.generation.sampling import SamplingParams
 from meshllm.runtime.launcher import LocalCluster
 from meshllm.runtime.local import LocalEngine
 from meshllm.runtime.mesh import MeshEngine, local_secret
-from meshllm.wire.frames import HEADER
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -133,15 +133,6 @@ class Tap:
         return Sink()
 
 
-def frames(stream: bytes) -> list[dict]:
-    out, pos = [], 0
-    while pos + 4 <= len(stream):
-        (n,) = HEADER.unpack_from(stream, pos)
-        out.append(msgpack.unpackb(stream[pos + 4:pos + 4 + n], raw=False))
-        pos += 4 + n
-    return out
-
-
 async def test_prompt_text_and_token_ids_never_leave_the_originator(make_model, cluster):
     addresses, secret = cluster
     folder = make_model("gqa_tied", **VARIANTS["gqa_tied"])
@@ -163,7 +154,7 @@ async def test_prompt_text_and_token_ids_never_leave_the_originator(make_model, 
         assert word.encode() not in everything
     kinds = set()
     for s in streams:
-        for f in frames(s):
+        for f in split_frames(s):
             kinds.add(f["t"])
             # hidden states are float tensors; nothing carries ids or text
             for key, value in f.items():

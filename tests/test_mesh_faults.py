@@ -9,10 +9,10 @@ import subprocess
 import sys
 import time
 
-import msgpack
 import pytest
 
 from helpers.checkpoints import VARIANTS
+from helpers.wire import split_frames
 from meshllm.errors import (
     AuthenticationError,
     DeviceLostError,
@@ -90,12 +90,7 @@ async def raw_exchange(address: str, payload: bytes, *, eof: bool = True, timeou
 
 
 def error_frames(data: bytes) -> list[dict]:
-    out, pos = [], 0
-    while pos + 4 <= len(data):
-        (n,) = HEADER.unpack_from(data, pos)
-        out.append(msgpack.unpackb(data[pos + 4:pos + 4 + n], raw=False))
-        pos += 4 + n
-    return [f for f in out if f.get("t") == "error"]
+    return [f for f in split_frames(data) if f.get("t") == "error"]
 
 
 async def test_malformed_input_closes_only_that_link(make_model, tmp_path):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import MeshTimeoutError, ProtocolError
+from ..net.link import broadcast
 from ..runtime.tensors import from_record, to_record
 from .star import HubRounds, Key, RoundError
 
@@ -115,10 +116,10 @@ class StarAllreduce:
             total = total + p.float()  # fp32, rank order: the same bits wherever it runs
         total = total.to(ordered[0].dtype)
         t1 = time.perf_counter()
-        record = to_record(total)
         req, step, layer, phase = key
-        for link in self.worker_links.values():
-            link.send({"t": "sum", "req": req, "step": step, "layer": layer, "phase": phase, "x": record})
+        # one encoding of the sum for every worker
+        broadcast(self.worker_links.values(), {"t": "sum", "req": req, "step": step, "layer": layer,
+                                               "phase": phase, "x": to_record(total)})
         self.stats.reduce_s += t1 - t
         self.stats.framing_s += time.perf_counter() - t1
         if self._key != key or self._future is None or self._future.done():

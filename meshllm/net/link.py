@@ -1,7 +1,7 @@
 """The thin asyncio layer: a TCP link driven by the Sans-I/O Connection. It only moves bytes.
 
-Flow control: the kernel socket plus a bounded transport write buffer (`drain` waits when it is over the high
-mark); inbound, a message is handed to the owner's callback as soon as its frame completes, and the owner keeps
+Flow control: the kernel socket plus a bounded transport write buffer (a peer that leaves WRITE_LIMIT bytes
+unread is cut off); inbound, a message is handed to the owner's callback as soon as its frame completes, and the owner keeps
 every queue it fills bounded. TCP_NODELAY, because every frame on the data path is latency-bound.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from ..errors import DeviceLostError, HandshakeError, LinkError, MeshTimeoutError, ProtocolError
 from ..wire.connection import Connection
-from ..wire.frames import DEFAULT_MAX_FRAME
+from ..wire.frames import DEFAULT_MAX_FRAME, encode_frame
 
 log = logging.getLogger("meshllm.net")
 
@@ -33,7 +33,6 @@ class Timeouts:
     close: float = 2.0
 
 
-WRITE_HIGH = 4 * 2**20  # transport buffer above which senders must drain
 WRITE_LIMIT = 256 * 2**20  # a peer this far behind is not reading: the link is closed
 
 
@@ -51,8 +50,6 @@ class Link(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
-        self._write_ok = asyncio.Event()
-        self._write_ok.set()
 
     # -- identity ---------------------------------------------------------------------------------------
 
@@ -74,7 +71,6 @@ class Link(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.address = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH)
         self.conn.start()
         self._flush()
 
@@ -116,33 +112,21 @@ class Link(asyncio.Protocol):
             err = self.error or DeviceLostError(f"link to {self.peer} closed" + (f": {exc}" if exc else ""))
             self._finish(err)
 
-    def pause_writing(self) -> None:
-        self._write_ok.clear()
-
-    def resume_writing(self) -> None:
-        self._write_ok.set()
-
     # -- sending --------------------------------------------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> None:
-        """Frame and write one message now (never blocks; call `drain` after bulk sends)."""
+        """Frame and write one message now (never blocks)."""
+        self.write_frame(self.conn.encode(message))
+
+    def write_frame(self, frame: bytes) -> None:
+        """Write an already framed message (one encoding shared by several links)."""
         if self.closed.done() or self.transport is None:
             raise self.error or DeviceLostError(f"link to {self.peer} is closed")
         if self.transport.get_write_buffer_size() > WRITE_LIMIT:
             err = ProtocolError(f"{self.peer} does not read what we send ({WRITE_LIMIT} bytes queued)")
             self._fail(err)
             raise err
-        self.transport.write(self.conn.encode(message))
-
-    async def drain(self, timeout: float) -> None:
-        """Wait until the write buffer is under its high mark."""
-        if not self._write_ok.is_set():
-            try:
-                await asyncio.wait_for(self._write_ok.wait(), timeout)
-            except TimeoutError as e:
-                raise MeshTimeoutError(f"{self.peer} did not read for {timeout} s (write buffer full)") from e
-        if self.closed.done():
-            raise self.error or DeviceLostError(f"link to {self.peer} is closed")
+        self.transport.write(frame)
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
@@ -173,7 +157,6 @@ class Link(asyncio.Protocol):
             self.ready.set_exception(self.error)
             self.ready.exception()  # retrieved: nobody may be waiting on it
         self.closed.set_result(None)
-        self._write_ok.set()
         if self.on_close is not None:
             self.on_close(self, self.error)
 
@@ -223,3 +206,12 @@ def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]
     except ValueError:
         raise ValueError(f"{text!r} is not HOST:PORT (a port from 1 to 65535)") from None
     return host or "127.0.0.1", value
+
+
+def broadcast(links, message: dict[str, Any]) -> None:
+    """Send one message to several links, encoded once."""
+    links = list(links)
+    if links:
+        frame = encode_frame(message, links[0].conn.max_frame)
+        for link in links:
+            link.write_frame(frame)

@@ -489,10 +489,7 @@ class Device:
         if session.broken:
             return
         session.broken = reason
-        req = max(session.finished_req + 1, session.reduce.finished_req + 1)
-        self._abort_request(session, req, reason)
-        if session.originator.is_open:
-            session.originator.send({"t": "abort", "session": session.id, "req": req, "reason": reason})
+        self._fail_request(session, max(session.finished_req, session.reduce.finished_req) + 1, reason)
 
     def _drop_session(self, session: Session, reason: str) -> None:
         log.info("session %s closed: %s", session.id, reason)

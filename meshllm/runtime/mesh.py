@@ -24,7 +24,7 @@ from ..errors import DeviceLostError, MeshError, MeshTimeoutError, PlanError, Pr
 from ..model.default import cache_dir
 from ..model.fingerprint import model_hash
 from ..model.source import ModelSource
-from ..net.link import Link, Timeouts, connect, parse_address
+from ..net.link import Link, Timeouts, broadcast, connect, parse_address
 from ..wire.frames import DEFAULT_MAX_FRAME
 from .originator import Originator, peak_rss_bytes
 from .tensors import from_record, to_record
@@ -188,9 +188,6 @@ class MeshEngine(Originator):
 
     # -- messages ----------------------------------------------------------------------------------------------
 
-    def _member(self, link: Link) -> Member:
-        return next(m for m in self.members if m.link is link)
-
     def _on_message(self, link: Link, msg: dict[str, Any]) -> None:
         kind = msg["t"]
         if msg.get("session") != self.session:
@@ -259,8 +256,7 @@ class MeshEngine(Originator):
     def _broadcast(self, msg: dict[str, Any]) -> None:
         if self._failure is not None:
             raise self._failure
-        for m in self.members:
-            m.link.send(msg)
+        broadcast((m.link for m in self.members), msg)  # a step's hidden state is encoded once, not per device
 
     # -- Backend -------------------------------------------------------------------------------------------
 

@@ -1,0 +1,25 @@
+"""What the benchmark scripts share: the import path, offline transformers, and a measured mesh request."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+async def measured_request(mesh, ids: list[int], tokens: int, keys: tuple[str, ...]):
+    """Run one greedy request of `tokens` on a MeshEngine; return (Result, per-device deltas of the stat `keys`)."""
+    from meshllm.generation.loop import Result, generate
+    from meshllm.generation.sampling import SamplingParams
+
+    before = await mesh.device_stats()
+    result = Result()
+    async for _ in generate(mesh, mesh.tokenizer, ids, SamplingParams(max_tokens=tokens, ignore_eos=True), result):
+        pass
+    after = await mesh.device_stats()
+    return result, [{k: a[k] - b[k] for k in keys} for a, b in zip(after, before)]
