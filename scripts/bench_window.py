@@ -8,6 +8,8 @@
    ideal max(compute, disk) and the sum compute + disk.
 3. The paper's baseline: transformers + Accelerate disk offload (device_map, max_memory at the same budget,
    offload_folder) on one device, next to meshllm at N=1 and N=2 under that budget: TTFT and per-token latency.
+4. The same, with each process (Accelerate; each meshllm device) in a cgroup v1 memory group of budget + 512 MiB,
+   page cache included: devices that really have that little memory (skipped where cgroups are not usable).
 Writes benchmarks/window.json.
 """
 
@@ -37,13 +39,27 @@ def prompt_ids(vocab: int) -> list[int]:
     return torch.randint(3, min(vocab, 30000), (PROMPT_TOKENS,), generator=g).tolist()
 
 
+def evict(folder: Path) -> None:
+    """Drop our own block files from the page cache, so every budgeted run starts alike: the first reads come from
+    disk through the windowed (huge-page) mappings, not through folios an earlier run happened to leave."""
+    for path in folder.rglob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 async def run_mesh(model: Path, n: int, budget: int | None, tokens: int, cache: Path,
-                   read_rate: int | None = None) -> dict:
+                   read_rate: int | None = None, prefixes: list[list[str]] | None = None) -> dict:
     from meshllm.runtime.launcher import LocalCluster
     from meshllm.runtime.mesh import MeshEngine, local_secret
 
+    if budget is not None:
+        evict(cache)
     secret = local_secret()
-    async with LocalCluster(n, secret, memory_budget=budget, cache_dir=cache, read_rate=read_rate) as addresses:
+    async with LocalCluster(n, secret, memory_budget=budget, cache_dir=cache, read_rate=read_rate,
+                            prefixes=prefixes) as addresses:
         async with MeshEngine(model, addresses, secret, dtype="bfloat16") as mesh:
             ids = prompt_ids(mesh.config.vocab_size)
 
@@ -104,9 +120,9 @@ def accelerate_child(model: str, budget: int, tokens: int) -> None:
                           "peak_rss_bytes": peak_rss_bytes()}))
 
 
-def run_accelerate(model: Path, budget: int, tokens: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--_accelerate", str(model), str(budget), str(tokens)],
-                         capture_output=True, text=True, timeout=3600)
+def run_accelerate(model: Path, budget: int, tokens: int, prefix: list[str] | None = None) -> dict:
+    out = subprocess.run([*(prefix or []), sys.executable, __file__, "--_accelerate", str(model), str(budget),
+                          str(tokens)], capture_output=True, text=True, timeout=3600)
     if out.returncode:
         return {"error": out.stderr.strip()[-800:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -162,8 +178,50 @@ async def main_async(args) -> dict:
             baseline[f"ttft_reduction_{key}"] = 1 - r["ttft_s"] / acc["ttft_s"]
             baseline[f"token_reduction_{key}"] = 1 - r["token_s"] / acc["token_s"]
     print(f"   {json.dumps(baseline)[:400]}", file=sys.stderr)
+    capped = await capped_baseline(model, budget, base_tokens, cache)
     return {"model": args.shape, "budgets": rows, "slow_disk": slow, "accelerate_baseline": baseline,
-            "share_bytes": share}
+            "capped_baseline": capped, "share_bytes": share}
+
+
+CAP_SLACK = 512 * 2**20  # memory each capped process gets beyond the weight budget: runtime, activations, cache
+
+
+async def capped_baseline(model: Path, budget: int, tokens: int, cache: Path) -> dict:
+    """The same comparison on devices that really have only budget + CAP_SLACK of memory: each process (the
+    Accelerate one, each meshllm device) in a cgroup v1 memory group of that size. Page cache is charged to the
+    group, so weights that do not fit are read from disk again, as on a small device, instead of from a page cache
+    the size of the host's RAM. The meshllm originator (embedding, LM head) is not capped; its peak RSS is listed."""
+    from cgroups import Cap, unusable
+    from meshllm.runtime.originator import peak_rss_bytes
+
+    reason = unusable("memory")
+    if reason:
+        print(f"== memory-capped comparison skipped: {reason}", file=sys.stderr)
+        return {"skipped": reason}
+    limit = budget + CAP_SLACK
+    print(f"== Accelerate vs meshllm, each process capped at {limit / 2**20:.0f} MiB (cgroup v1)", file=sys.stderr)
+    out: dict = {"budget_bytes": budget, "cap_bytes": limit, "tokens": tokens}
+    evict(model)  # Accelerate maps the checkpoint itself: pages cached earlier would be charged to another group
+    with Cap("acc", memory_bytes=limit) as cap:
+        out["accelerate"] = run_accelerate(model, budget, tokens, cap.prefix())
+        out["accelerate"]["cgroup_max_usage_bytes"] = cap.max_usage()
+    for n in (1, 2):
+        caps = [Cap(f"dev{i}", memory_bytes=limit) for i in range(n)]
+        for c in caps:
+            c.__enter__()
+        try:
+            r = await run_mesh(model, n, budget, tokens, cache, prefixes=[c.prefix() for c in caps])
+            r["cgroup_max_usage_bytes"] = [c.max_usage() for c in caps]
+            r["originator_peak_rss_bytes"] = peak_rss_bytes()
+        finally:
+            for c in caps:
+                c.__exit__(None, None, None)
+        out[f"meshllm_N{n}"] = r
+        if "token_s" in out["accelerate"]:
+            out[f"ttft_reduction_N{n}"] = 1 - r["ttft_s"] / out["accelerate"]["ttft_s"]
+            out[f"token_reduction_N{n}"] = 1 - r["token_s"] / out["accelerate"]["token_s"]
+    print(f"   {json.dumps({k: v for k, v in out.items() if 'reduction' in k})}", file=sys.stderr)
+    return out
 
 
 def print_tables(out: dict) -> None:
@@ -181,8 +239,14 @@ def print_tables(out: dict) -> None:
     if "accelerate_baseline" not in out:
         return
     b = out["accelerate_baseline"]
+    print_comparison(b, f"\nbudget {b['budget_bytes']/2**20:.0f} MiB per device, {b['tokens']} tokens",
+                     lambda r: f"peak RSS {max(r['peak_rss_bytes']) / 2**20:.0f} MiB per device")
+
+
+def print_comparison(b: dict, title: str, detail) -> None:
+    """Accelerate next to meshllm N=1 and N=2: TTFT, per-token latency, and how much lower meshllm's are."""
     acc = b["accelerate"]
-    print(f"\nbudget {b['budget_bytes']/2**20:.0f} MiB per device, {b['tokens']} tokens")
+    print(title)
     print(f"{'engine':<28}{'TTFT s':>9}{'s/token':>9}")
     if "token_s" in acc:
         print(f"{'transformers+Accelerate N=1':<28}{acc['ttft_s']:>9.2f}{acc['token_s']:>9.2f}"
@@ -193,8 +257,17 @@ def print_tables(out: dict) -> None:
         r = b[f"meshllm_{key}"]
         red = (f"  ({b[f'ttft_reduction_{key}']:.0%} / {b[f'token_reduction_{key}']:.0%} lower)"
                if f"ttft_reduction_{key}" in b else "")
-        print(f"{'meshllm ' + key:<28}{r['ttft_s']:>9.2f}{r['token_s']:>9.2f}{red}   (peak RSS "
-              f"{max(r['peak_rss_bytes']) / 2**20:.0f} MiB per device)")
+        print(f"{'meshllm ' + key:<28}{r['ttft_s']:>9.2f}{r['token_s']:>9.2f}{red}   ({detail(r)})")
+
+
+def print_capped(c: dict) -> None:
+    if "skipped" in c:
+        print(f"\nmemory-capped comparison skipped: {c['skipped']}")
+        return
+    print_comparison(c, f"\neach process capped at {c['cap_bytes'] / 2**20:.0f} MiB (budget "
+                        f"{c['budget_bytes'] / 2**20:.0f} MiB + {CAP_SLACK / 2**20:.0f} MiB), page cache included, "
+                        f"{c['tokens']} tokens",
+                     lambda r: f"disk {max(r['disk_bytes_per_token']) / 2**20:.0f} MiB/token per device")
 
 
 def main() -> None:
@@ -212,6 +285,8 @@ def main() -> None:
     out.update(benchmark="window", command="python scripts/bench_window.py " + " ".join(sys.argv[1:]),
                machine={"cpus": os.cpu_count(), "python": platform.python_version()})
     print_tables(out)
+    if "capped_baseline" in out:
+        print_capped(out["capped_baseline"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.out}")

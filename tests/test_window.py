@@ -86,3 +86,49 @@ def test_a_failed_load_can_be_retried():
     w.failed(0)
     assert w.resident_bytes == 0
     assert w.loads() == [0]
+
+
+def test_a_budget_beyond_the_streaming_room_pins_blocks_spread_over_the_cycle():
+    sizes = [10, 30] * 20  # 800 bytes; streaming room is 3 x 30 = 90
+    budget = 400
+    w = Window(sizes, budget)
+    pinned_bytes = sum(sizes[i] for i in w.pinned)
+    assert 0 < pinned_bytes <= budget - 3 * 30
+    assert pinned_bytes >= budget - 3 * 30 - 30  # the rest of the budget is used, to within a block
+    gaps = [b - a for a, b in zip(sorted(w.pinned), sorted(w.pinned)[1:])]
+    assert max(gaps) <= 4  # spread out, not one run at the start
+    tokens = 5
+    trace = drive(w, tokens=tokens, rng=random.Random(7))
+    assert w.peak_bytes <= budget
+    loads = [i for kind, i in trace if kind == "load"]
+    for i in range(len(sizes)):
+        # pinned: read once; others: every token (the first few once more, prefetched for a next token)
+        assert loads.count(i) in ((1,) if i in w.pinned else (tokens, tokens + 1)), i
+    assert not [i for kind, i in trace if kind == "release" and i in w.pinned]
+    assert [i for kind, i in trace if kind == "compute"] == list(range(len(sizes))) * tokens
+
+
+def test_rewind_keeps_pinned_blocks_and_releases_the_streaming_window():
+    sizes = [10] * 20
+    w = Window(sizes, budget=100)  # room 30, 70 pinnable
+    assert sum(sizes[i] for i in w.pinned) == 70
+    drive(w, tokens=1)
+    w.loads()
+    for i in range(20):
+        if w.state[i] == "loading":
+            w.loaded(i)
+    for i in range(7):
+        w.computed(i) if w.ready(i) else None
+    dropped = w.rewind()
+    assert not set(dropped) & w.pinned
+    assert all(w.ready(i) for i in w.pinned)
+    assert w.resident_bytes == 70 and w.cursor == 0
+    trace = drive(w, tokens=2)
+    assert w.peak_bytes <= 100
+    assert not [i for kind, i in trace if kind == "load" and i in w.pinned]
+
+
+def test_no_pins_when_the_budget_only_holds_the_streaming_room():
+    assert Window([10, 30] * 5, budget=90).pinned == frozenset()
+    assert Window([10, 30] * 5, budget=400).pinned == frozenset()  # everything fits: nothing streams at all
+    assert Window([10, 30] * 5).pinned == frozenset()

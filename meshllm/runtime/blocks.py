@@ -1,8 +1,9 @@
 """BlockStore: a shard's weight blocks in memory, driven by the Window scheduler over the slice cache.
 
-When everything fits the budget (or there is none) every block is read once at start and kept. Otherwise blocks
-are read in the I/O executor ahead of use, in compute order, as the budget allows, and dropped as soon as their
-compute finishes; the compute executor and the allreduce on the wire run meanwhile.
+When everything fits the budget (or there is none) every block is read once at start and kept. Otherwise the
+window's pinned blocks are read once and kept, and the others are read in the I/O executor ahead of use, in compute
+order, as the budget allows, and dropped as soon as their compute finishes; the compute executor and the allreduce
+on the wire run meanwhile.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ class BlockStore:
 
     def _read(self, i: int):
         t0 = time.perf_counter()
-        # blocks that stay for good are copied in; windowed ones are mapped, so releasing them returns the pages
-        tensors, n = read_block(self.cache.path(i), self.read_rate, mapped=not self.window.fits)
+        # blocks that stay for good are copied in; streamed ones are mapped, so releasing them returns the pages
+        tensors, n = read_block(self.cache.path(i), self.read_rate, mapped=self.window.streamed(i))
         self.disk_read_bytes += n
         self.read_s += time.perf_counter() - t0
         return build_block(i, tensors, self.config, self.shard)

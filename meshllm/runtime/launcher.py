@@ -23,7 +23,7 @@ class LocalCluster:
                  start_timeout: float = 60.0, stop_timeout: float = 5.0, verbose: bool = False,
                  log_dir: str | os.PathLike | None = None, cpus: list[int] | None = None,
                  memory_budget: int | None = None, read_rate: int | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+                 cache_dir: str | os.PathLike | None = None, prefixes: list[list[str]] | None = None) -> None:
         if n < 1:
             raise MeshError(f"--local-devices must be at least 1, got {n}")
         self.n = n
@@ -35,6 +35,7 @@ class LocalCluster:
         self.verbose = verbose
         self.cpus = cpus  # with pin: device i runs on cpus[i % len(cpus)] (default: the cores we may use)
         self.memory_budget, self.read_rate, self.cache_dir = memory_budget, read_rate, cache_dir
+        self.prefixes = prefixes  # device i's command runs under prefixes[i] (e.g. a shell entering a cgroup)
         self.log_dir = log_dir  # each device's stderr goes to log_dir/local-i.log instead of ours
         self.log_files: list = []
         self.procs: list[asyncio.subprocess.Process] = []
@@ -60,6 +61,8 @@ class LocalCluster:
                 if self.cache_dir:
                     cmd += ["--cache-dir", str(self.cache_dir)]
                 cmd += ["--verbose"] if self.verbose else ["--quiet"]
+                if self.prefixes:
+                    cmd = [*self.prefixes[i % len(self.prefixes)], *cmd]
                 stderr = None
                 if self.log_dir is not None:
                     stderr = open(os.path.join(self.log_dir, f"local-{i}.log"), "wb")

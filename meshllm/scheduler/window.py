@@ -1,9 +1,12 @@
 """The sliding-window scheduler, pure: which weight blocks to load and release under a byte budget.
 
 Blocks run in a fixed cyclic order (layer 0 attention, layer 0 MLP, layer 1 attention, ... then the next token).
-Resident blocks always form a contiguous window starting at the block computed next: loads are issued in order
-from there while they fit, and a block is released as soon as its compute finishes. With no budget, or a budget
-that holds every block, everything is loaded once and never released (no per-token reads).
+With no budget, or a budget that holds every block, everything is loaded once and never released (no per-token
+reads). Otherwise the budget is split in two: room for a streaming window of STREAM_DEPTH of the largest blocks, and
+the rest for blocks that stay pinned once read (spread evenly over the cycle, so the disk is kept busy between
+them). Streamed blocks form a window starting at the block computed next: loads are issued in order from there
+while they fit, and a block is released as soon as its compute finishes. So a budget of half the share reads about
+half the share per token, not all of it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,29 @@ class BudgetError(MeshError):
     """The budget cannot hold even one block."""
 
 
+STREAM_DEPTH = 3  # blocks of prefetch room: the one computing, and two read ahead while it computes and reduces
+
+
+def choose_pinned(sizes: Sequence[int], budget: int | None, depth: int = STREAM_DEPTH) -> frozenset[int]:
+    """The blocks that stay once read: as many bytes as the budget leaves beside the streaming room, spread evenly."""
+    total = sum(sizes)
+    if budget is None or total <= budget or not sizes:
+        return frozenset()
+    room = min(budget, depth * max(sizes))
+    pinnable = budget - room
+    if pinnable <= 0:
+        return frozenset()
+    share = pinnable / total
+    pinned, held, credit = [], 0, 0.0
+    for i, size in enumerate(sizes):
+        credit += size * share
+        if credit >= size and held + size <= pinnable:
+            pinned.append(i)
+            held += size
+            credit -= size
+    return frozenset(pinned)
+
+
 def minimum_budget(sizes: Sequence[int]) -> int:
     """The smallest budget that works: the largest block (computed with nothing prefetched)."""
     return max(sizes) if sizes else 0
@@ -36,12 +62,18 @@ class Window:
     resident_bytes: int = field(init=False, default=0)  # loading blocks count: their memory is allocated
     peak_bytes: int = field(init=False, default=0)
     cursor: int = field(init=False, default=0)  # the block computed next
+    pinned: frozenset[int] = field(init=False)  # blocks kept once read (only when not everything fits)
 
     def __post_init__(self) -> None:
         self.state = [ABSENT] * len(self.sizes)
         if self.budget is not None and self.budget < minimum_budget(self.sizes):
             raise BudgetError(f"budget of {self.budget} bytes cannot hold the largest block "
                               f"({minimum_budget(self.sizes)} bytes)")
+        self.pinned = choose_pinned(self.sizes, self.budget)
+
+    def streamed(self, i: int) -> bool:
+        """Block i is read again every token (mapped, released after compute)."""
+        return not self.fits and i not in self.pinned
 
     @property
     def fits(self) -> bool:
@@ -77,21 +109,23 @@ class Window:
         if self.state[i] != RESIDENT:
             raise RuntimeError(f"block {i} computed while {self.state[i]}")
         self.cursor = (i + 1) % len(self.sizes)
-        if self.fits:
+        if not self.streamed(i):
             return []
         self.state[i] = ABSENT
         self.resident_bytes -= self.sizes[i]
         return [i]
 
     def rewind(self) -> list[int]:
-        """Start over at block 0 (a new request, or one cut short): release what a window holds; returns those."""
+        """Start over at block 0 (a new request, or one cut short): release what the streaming window holds (and
+        pinned blocks still loading, whose reads the runtime cancels); returns those."""
         self.cursor = 0
         if self.fits:
             return []
-        dropped = [i for i, st in enumerate(self.state) if st != ABSENT]
+        dropped = [i for i, st in enumerate(self.state)
+                   if st != ABSENT and not (st == RESIDENT and i in self.pinned)]
         for i in dropped:
             self.state[i] = ABSENT
-        self.resident_bytes = 0
+            self.resident_bytes -= self.sizes[i]
         return dropped
 
     def failed(self, i: int) -> None:
