@@ -25,6 +25,7 @@ from .errors import (  # noqa: E402
     UnsupportedModelError,
     VersionMismatchError,
 )
+from .app import Mesh  # noqa: E402
 from .generation.loop import Result  # noqa: E402
 from .generation.sampling import SamplingParams  # noqa: E402
 from .runtime.launcher import LocalCluster  # noqa: E402
@@ -33,6 +34,7 @@ from .runtime.mesh import MeshEngine  # noqa: E402
 
 __all__ = [
     "__version__",
+    "Mesh",
     "LocalEngine",
     "MeshEngine",
     "LocalCluster",

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 
@@ -89,7 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--local-devices", type=_positive_int, metavar="N",
                        help="start N device processes on 127.0.0.1, split the model over them, stop them after")
     where.add_argument("--devices", metavar="HOST:PORT,...", help="use running `meshllm join` daemons")
-    g.add_argument("--secret", help="the mesh secret for --devices (default: $MESHLLM_SECRET)")
+    g.add_argument("--secret", help="the mesh secret (default: $MESHLLM_SECRET); with neither --devices nor "
+                                    "--local-devices, the devices of this mesh are found on the LAN by mDNS")
+    g.add_argument("--min-devices", type=_nonneg_int, default=1, metavar="N",
+                   help="when discovering: wait for N devices (default 1; none found runs here alone)")
+    g.add_argument("--discover-timeout", type=float, default=5.0, metavar="S",
+                   help="when discovering: seconds to wait for devices (default 5)")
+    g.add_argument("--interface", metavar="IP", help="when discovering: browse on this address only")
     g.add_argument("--split", metavar="W,W,...", help="capability weights per device for an uneven split "
                                                      "(default: what each device advertises)")
     g.add_argument("--pin", action="store_true", help="with --local-devices: pin device i to core i")
@@ -105,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "that know the secret. Prints 'meshllm-device ready NAME HOST:PORT' on stdout when ready.")
     j.add_argument("--secret", help="the mesh secret (default: $MESHLLM_SECRET)")
     j.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    j.add_argument("--interface", metavar="IP", help="listen and advertise on this address only (default: listen on "
+                                                     "all, advertise on every interface)")
+    j.add_argument("--no-advertise", action="store_true", help="do not announce this device by mDNS "
+                                                               "(originators must be given its address)")
+    j.add_argument("--refresh-probe", action="store_true", help="measure the capability again (it is cached)")
+    j.add_argument("--score", type=float, help=argparse.SUPPRESS)  # test hook: advertise this score
+    j.add_argument("--advertise-port", type=_positive_int, help=argparse.SUPPRESS)  # testbed: a delay relay's port
     j.add_argument("--port", type=_nonneg_int, default=7340, help="TCP port (0: any free port)")
     j.add_argument("--name", help="this device's name (default: random)")
     j.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch compute threads")
@@ -120,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sec = sub.add_parser("secret", help="print a new random mesh secret")
     sec.set_defaults(func=_cmd_secret)
+
+    st = sub.add_parser("status", help="list the meshllm devices on the LAN",
+                        description="Browse mDNS for meshllm devices: their capabilities, which mesh they belong "
+                                    "to (with a secret: ours or another), who would be hub, link round trips.")
+    st.add_argument("--secret", help="the mesh secret, to tell our devices from others and time authenticated "
+                                     "round trips (default: $MESHLLM_SECRET)")
+    st.add_argument("--interface", metavar="IP", help="browse on this address only (default: all interfaces)")
+    st.add_argument("--timeout", type=float, default=2.0, metavar="S", help="seconds to listen (default: 2)")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
+    st.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    st.set_defaults(func=_cmd_status)
     return parser
 
 
@@ -177,8 +203,18 @@ async def _engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitSt
         addresses = [a for a in args.devices.split(",") if a.strip()]
         return MeshEngine(model, addresses, secret_bytes(args.secret), dtype=args.dtype, weights=weights,
                           threads=args.threads, memory_budget=args.memory_budget)
+    secret = args.secret or os.environ.get("MESHLLM_SECRET")
+    if secret:  # no addresses given: find the devices of this mesh on the LAN
+        from .app import Mesh
+
+        mesh = await stack.enter_async_context(Mesh(model, secret=secret, min_devices=args.min_devices,
+                                                    timeout=args.discover_timeout, interface=args.interface,
+                                                    dtype=args.dtype, threads=args.threads,
+                                                    memory_budget=args.memory_budget))
+        return contextlib.nullcontext(mesh._engine)
     if args.memory_budget:
         raise MeshError("--memory-budget applies to mesh devices: add --local-devices N (N=1 works) or --devices")
+    log.info("no --devices, --local-devices or mesh secret: running on this device alone")
     return LocalEngine(model, dtype=args.dtype, threads=args.threads)
 
 
@@ -208,8 +244,16 @@ async def _cmd_join(args: argparse.Namespace) -> int:
     import os
     import signal
 
+    from pathlib import Path
+
+    from .discovery.mdns import Advertiser, local_addresses
+    from .discovery.probe import available_memory, capability, free_disk
+    from .discovery.records import PeerRecord, mesh_id
+    from .model.default import cache_dir
     from .runtime.device import Device, secret_bytes
+    from .runtime.executors import cpu_count
     from .runtime.launcher import READY
+    from .wire.frames import PROTOCOL_VERSION
 
     if args.cpus:
         try:
@@ -224,12 +268,54 @@ async def _cmd_join(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Device(secret_bytes(args.secret), name=args.name, host=args.host, port=args.port,
-                      threads=threads, budget=args.memory_budget, cache_dir=args.cache_dir,
-                      read_rate=args.read_rate) as device:
-        print(f"{READY} {device.node_id} {args.host}:{device.port}", flush=True)
+    secret = secret_bytes(args.secret)
+    if args.name and not all(c.isalnum() or c in "-_." for c in args.name) or args.name == "":
+        raise MeshError(f"--name {args.name!r}: use letters, digits, '-', '_' and '.' only")
+    host = args.interface or args.host
+    cache = Path(args.cache_dir) if args.cache_dir else cache_dir()
+    count = threads or cpu_count()
+    if args.score is not None and not args.score > 0:
+        raise MeshError(f"--score must be positive, got {args.score}")
+    measured = None
+    if args.score is None:
+        measured = await loop.run_in_executor(None, capability, cache, count, args.refresh_probe)
+    score = round(args.score if args.score is not None else measured["gemv_gbps"], 3)
+    async with contextlib.AsyncExitStack() as stack:
+        device = await stack.enter_async_context(Device(
+            secret, name=args.name, host=host, port=args.port, threads=threads, budget=args.memory_budget,
+            cache_dir=cache, read_rate=args.read_rate, capability=score))
+        if not args.no_advertise:
+            addresses = [host] if host not in ("0.0.0.0", "") else local_addresses()
+            record = PeerRecord(
+                node_id=device.node_id, version=PROTOCOL_VERSION, mesh=await asyncio.to_thread(mesh_id, secret),
+                score=score, cores=cpu_count(), memory_bytes=available_memory(),
+                disk_bytes=await asyncio.to_thread(free_disk, cache), budget_bytes=args.memory_budget,
+                addresses=tuple(addresses), port=args.advertise_port or device.port)
+            await stack.enter_async_context(Advertiser(record, args.interface or (
+                host if host not in ("0.0.0.0", "") else None)))
+        log.info("device %s: score %.1f%s, %d threads", device.node_id, score,
+                 f" (GEMV {measured['gemv_gbps']:.1f} GB/s, matmul {measured['matmul_gflops']:.0f} GFLOP/s)"
+                 if measured else " (given)", count)
+        print(f"{READY} {device.node_id} {host}:{device.port}", flush=True)
         await device.serve_until(stop)
         log.info("stopping")
+    return 0
+
+
+async def _cmd_status(args: argparse.Namespace) -> int:
+    import os
+
+    from .discovery.status import print_survey, survey
+
+    if not args.timeout > 0:
+        raise MeshError(f"--timeout must be positive, got {args.timeout}")
+    secret = args.secret or os.environ.get("MESHLLM_SECRET")
+    out = await survey(secret.encode() if secret else None, args.interface, args.timeout)
+    if args.json:
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print_survey(out)
     return 0
 
 

@@ -50,7 +50,7 @@ class LocalCluster:
         try:
             for i in range(self.n):
                 cmd = [sys.executable, "-m", "meshllm", "join", "--host", "127.0.0.1", "--port", "0",
-                       "--name", f"local-{i}"]
+                       "--name", f"local-{i}", "--no-advertise", "--score", "1"]  # private to this run
                 if self.pin:
                     cmd += ["--cpus", str(cores[i % len(cores)])]
                 cmd += ["--threads", str(threads)]

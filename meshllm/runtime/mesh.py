@@ -56,7 +56,8 @@ class MeshEngine(Originator):
     def __init__(self, model, devices: Sequence[str], secret: bytes, *, dtype: str | None = None,
                  weights: Sequence[float] | None = None, threads: int | None = None,
                  timeouts: Timeouts = Timeouts(), max_frame: int = DEFAULT_MAX_FRAME,
-                 node_id: str | None = None, memory_budget: int | None = None) -> None:
+                 node_id: str | None = None, memory_budget: int | None = None,
+                 skip_unreachable: bool = False) -> None:
         super().__init__(model, dtype=dtype, threads=threads)
         if not devices:
             raise MeshError("no devices given: pass --devices HOST:PORT,... or --local-devices N")
@@ -68,6 +69,8 @@ class MeshEngine(Originator):
         self.timeouts = timeouts
         self.max_frame = max_frame
         self.budget = memory_budget  # this originator's own: its embedding and LM head must fit
+        self.skip_unreachable = skip_unreachable  # plan over the devices that answer (discovered ones may be gone)
+        self.unreachable: dict[str, BaseException] = {}  # address -> why, from the last bring-up
         self._stream_src = None
         self._active = False  # a request is between begin and end
         self.node_id = node_id or f"orig-{uuid.uuid4().hex[:8]}"
@@ -90,8 +93,12 @@ class MeshEngine(Originator):
         links = await asyncio.gather(*(self._connect(a) for a in self.addresses), return_exceptions=True)
         errors = [e for e in links if isinstance(e, BaseException)]
         self.members = [Member(a, link) for a, link in zip(self.addresses, links) if isinstance(link, Link)]
-        if errors:
+        self.unreachable = {a: e for a, e in zip(self.addresses, links) if isinstance(e, BaseException)}
+        if errors and (not self.skip_unreachable or not self.members
+                       or any(not isinstance(e, Exception) for e in errors)):
             raise errors[0]
+        for a, e in self.unreachable.items():
+            log.warning("device %s is unreachable, planning without it: %s", a, e)
         if self.budget is not None and self.head.nbytes() > self.budget:
             raise PlanError(f"the originator's embedding and LM head take {human_bytes(self.head.nbytes())}, over "
                             f"its budget of {human_bytes(self.budget)}; the smallest budget that works here is "
@@ -186,6 +193,20 @@ class MeshEngine(Originator):
         for m in members:
             m.link.close()
 
+    async def replan(self, devices: Sequence[str]) -> None:
+        """Between requests: leave the current devices and bring up a new plan over `devices` (a new session;
+        each device keeps its slice cache, so a shard it held before is not sent again)."""
+        async with self._lock:  # never while a request runs
+            await self._stop()
+            self.addresses = list(devices)
+            self.weights = None  # split weights were per address: the new plan uses what devices advertise
+            self.session = uuid.uuid4().hex[:12]
+            self.plan = None
+            self._failure = None
+            self._pending.clear()
+            self._active = False
+            await self._start()
+
     # -- messages ----------------------------------------------------------------------------------------------
 
     def _on_message(self, link: Link, msg: dict[str, Any]) -> None:
@@ -218,8 +239,9 @@ class MeshEngine(Originator):
         if not self.members:
             return
         member = next((m for m in self.members if m.link is link), None)
-        name = member.name if member else link.peer
-        self._fail(DeviceLostError(f"lost device {name}: {error}"))
+        if member is None:
+            return  # a link of an earlier plan (replan closed it): not this session's loss
+        self._fail(DeviceLostError(f"lost device {member.name}: {error}"))
 
     def _fail(self, error: BaseException) -> None:
         """Fail every wait in progress: the mesh cannot finish this request."""

@@ -1,0 +1,120 @@
+"""A device's capability, measured once at join and cached: decode bandwidth (the score), matmul speed, memory,
+disk. Blocking (a fraction of a second the first time): run it in an executor."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("meshllm.probe")
+
+PROBE_VERSION = 1
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cgroup_memory_limit() -> int | None:
+    """This process's cgroup v1/v2 memory limit, if one is set."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                f = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+            elif controllers == "":
+                f = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
+            else:
+                continue
+            if f.exists():
+                text = f.read_text().strip()
+                if text.isdigit() and int(text) < 1 << 60:
+                    return int(text)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def available_memory() -> int:
+    """Bytes this device can still use: MemAvailable, or its cgroup limit when that is smaller."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    limit = _cgroup_memory_limit()
+    return min(avail, limit) if limit else avail
+
+
+def free_disk(folder: Path) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(folder).free
+
+
+def measure(threads: int, seconds: float = 0.25) -> dict:
+    """Decode-like GEMV bandwidth (GB/s of fp32 weights) and matmul GFLOP/s with `threads` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w = torch.randn(4096, 4096)  # 64 MiB: larger than the caches, like a layer's weights
+        x = torch.randn(4096)
+        a = torch.randn(512, 512)
+
+        def rate(fn, work: float) -> float:
+            fn()
+            runs = []
+            deadline = time.perf_counter() + seconds / 2
+            while time.perf_counter() < deadline or len(runs) < 3:
+                t0 = time.perf_counter()
+                fn()
+                runs.append(time.perf_counter() - t0)
+            return work / statistics.median(runs)
+
+        gemv = rate(lambda: torch.mv(w, x), w.numel() * 4) / 1e9
+        gflops = rate(lambda: a @ a, 2 * 512**3) / 1e9
+    finally:
+        torch.set_num_threads(previous)
+    return {"gemv_gbps": round(gemv, 3), "matmul_gflops": round(gflops, 1)}
+
+
+def capability(cache_folder: Path, threads: int, refresh: bool = False) -> dict:
+    """The measured numbers for this CPU and thread count, from the cache when measured before."""
+    key = {"probe": PROBE_VERSION, "cpu": _cpu_model(), "threads": threads, "torch": torch.__version__}
+    path = cache_folder / "capability.json"
+    if not refresh:
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key:
+                return cached["result"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+    t0 = time.perf_counter()
+    result = measure(threads)
+    log.info("capability probe: %.1f GB/s GEMV, %.0f GFLOP/s matmul (%.2f s)", result["gemv_gbps"],
+             result["matmul_gflops"], time.perf_counter() - t0)
+    try:
+        cache_folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "result": result}))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not cache the capability probe in %s: %s", path, e)
+    return result

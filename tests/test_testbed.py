@@ -1,0 +1,41 @@
+"""The LAN testbed: 4 network namespaces on a bridge, `join` in each, discovery and generation from the host side,
+and nothing left behind. Runs where root and `ip netns` work; skipped with the reason otherwise."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.checkpoints import VARIANTS
+
+from meshllm import Mesh
+from meshllm.runtime.local import LocalEngine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from lan_testbed import Testbed, unusable  # noqa: E402
+
+REASON = unusable()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"LAN testbed: {REASON}")
+
+
+async def test_four_namespaces_discover_generate_and_leave_nothing_behind(make_model, tmp_path):
+    from meshllm import SamplingParams
+
+    model = make_model("testbed_gqa", **VARIANTS["gqa_tied"])
+    async with LocalEngine(model) as engine:
+        reference = await engine.generate("the quick brown fox", SamplingParams(max_tokens=10, ignore_eos=True),
+                                          chat=False)
+    secret = "testbed-" + tmp_path.name
+    tb = Testbed(4, secret, scores=[2.0, 5.0, 3.0, 1.0], log_dir=tmp_path / "tb", rtt_ms=1.0)
+    async with tb:
+        assert len(tb.devices) == 4
+        async with Mesh(model, secret=secret, min_devices=4, timeout=20, interface=tb.host_ip) as m:
+            assert sorted(d["addresses"][0] for d in m.devices) == sorted(tb.ips)
+            assert [d["node_id"] for d in m.devices if d["role"] == "hub"] == ["ns1"]  # the highest score
+            out = await m.generate("the quick brown fox", max_tokens=10, ignore_eos=True, chat=False)
+            assert out.token_ids == reference.token_ids
+    assert tb.leftovers() == []
+    for i in range(4):
+        log = (tmp_path / "tb" / f"ns{i}.log").read_text()
+        assert "stopping" in log and "Traceback" not in log
