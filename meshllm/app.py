@@ -79,9 +79,20 @@ class Mesh:
             else:
                 from .discovery.mdns import Browser
 
+                from .runtime.mesh import MeshEngine
+
                 self.mesh_id = await asyncio.to_thread(mesh_id, self._secret)
                 self._browser = await self._stack.enter_async_context(Browser(self.interface))
-                found = await self._discover()
+                # the head and tokenizer load while the devices are being found
+                engine = MeshEngine(self.model, [], self._secret, dtype=self.dtype, threads=self.threads,
+                                    timeouts=self.timeouts, memory_budget=self.memory_budget,
+                                    skip_unreachable=True, defer=True)
+                loading = asyncio.ensure_future(engine.__aenter__())
+                try:
+                    found = await self._discover()
+                finally:
+                    await loading  # its failure (a bad model) is the error to report
+                    self._engine = engine  # from here on, aclose() takes it down
                 await self._use(found)
             if self._engine is None:
                 await self._use([])
@@ -158,7 +169,7 @@ class Mesh:
             self._records = []
             return
         addresses = [r.address for r in records]
-        if isinstance(self._engine, MeshEngine):
+        if isinstance(self._engine, MeshEngine):  # the same engine (head loaded) on a new plan
             await self._engine.replan(addresses)
         else:
             await self._drop_engine()

@@ -57,6 +57,8 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 class Testbed:
     """N namespaces on a bridge, `join` running in each."""
 
+    __test__ = False  # not a pytest class
+
     def __init__(self, devices: int, secret: str, *, rtt_ms: float = 0.0, rate: str | None = None,
                  cpus: float | None = None, memory: int | None = None, budget: int | None = None,
                  scores: list[float] | None = None, log_dir: Path | None = None, threads: int = 1,
@@ -104,7 +106,9 @@ class Testbed:
                 sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", *tbf)
 
     def teardown(self) -> None:
-        for ns in self._made_ns:  # deleting a namespace deletes its end of the veth, and so the pair
+        for veth in self.veths:  # the pair goes now (a namespace's own cleanup is asynchronous)
+            sh("ip", "link", "del", veth, check=False)
+        for ns in self._made_ns:
             sh("ip", "netns", "del", ns, check=False)
         self._made_ns = []
         if self._made_bridge:

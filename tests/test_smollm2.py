@@ -83,3 +83,4 @@ async def test_stop_string_ends_generation_without_printing_it(engine):
     result = await engine.generate(QUESTION, SamplingParams(max_tokens=40, stop=("Paris",)))
     assert result.text == full.text[:cut]
     assert result.finish_reason == "stop"
+

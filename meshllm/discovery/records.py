@@ -58,6 +58,7 @@ class PeerRecord:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["addresses"] = list(self.addresses)
+        d["address"] = self.address
         return d
 
 

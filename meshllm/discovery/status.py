@@ -85,7 +85,7 @@ async def survey(secret: bytes | None, interface: str | None, listen_s: float, t
             hubs[mesh] = hub.node_id
     devices = []
     for r, t in sorted(zip(records, rtts), key=lambda x: (group(x[0]) != "ours", x[0].mesh, -x[0].score)):
-        devices.append({**r.to_dict(), "address": r.address, "group": group(r),
+        devices.append({**r.to_dict(), "group": group(r),
                         "would_be_hub": hubs.get(r.mesh) == r.node_id, **t})
     return {"mesh_id": ours, "devices": devices, "ignored_records": rejected}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import re
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 
 from ..errors import ConfigError, MissingTensorError, ModelFileError, UnsupportedModelError
 from .config import ModelConfig, RopeConfig
+from .gguf_meta import read_header, tensor_array
 
 log = logging.getLogger("meshllm.model")
 
@@ -55,15 +57,12 @@ class GGUFSource:
     """A Llama-architecture GGUF file."""
 
     def __init__(self, path: Path) -> None:
-        import gguf
-
         self.path = path
-        try:
-            self._reader = gguf.GGUFReader(str(path))
-        except (ValueError, OSError, IndexError) as e:
-            raise ModelFileError(f"{path} is not a readable GGUF file: {e}") from e
-        self._tensors = {t.name: t for t in self._reader.tensors}
-        self.metadata = _metadata(self._reader)
+        header = read_header(path)  # raises ModelFileError naming the problem
+        self._tensors = dict(header.tensors)
+        self.metadata = dict(header.metadata)
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.config = self._config()
 
     def _config(self) -> ModelConfig:
@@ -84,7 +83,7 @@ class GGUFSource:
         kv_heads = int(md.get("llama.attention.head_count_kv", heads))
         embd = self._tensors.get("token_embd.weight")
         vocab = md.get("llama.vocab_size") or len(md.get("tokenizer.ggml.tokens", ())) or (
-            int(embd.shape[1]) if embd is not None else 0)
+            int(embd.dims[1]) if embd is not None and len(embd.dims) > 1 else 0)
         freq_factors = None
         if "rope_freqs.weight" in self._tensors:
             freq_factors = tuple(float(f) for f in self._dequant("rope_freqs.weight").reshape(-1))
@@ -126,9 +125,11 @@ class GGUFSource:
         import gguf
 
         t = self._tensors[gname]
-        data = t.data if rows is None else t.data[rows[0]:rows[1]]
+        data = tensor_array(self._map, t)
+        if rows is not None:
+            data = data[rows[0]:rows[1]]
         # quantized rows are whole blocks, so a row slice of the raw bytes dequantizes on its own
-        return np.asarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
+        return np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType(t.ggml_type)), dtype=np.float32)
 
     def get(self, name: str, rows: tuple[int, int] | None = None,
             cols: tuple[int, int] | None = None) -> torch.Tensor:
@@ -149,17 +150,7 @@ class GGUFSource:
 
     def close(self) -> None:
         self._tensors.clear()
-
-
-def _metadata(reader) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                   "tokenizer.ggml.scores"):
-            out[key] = range(len(field.data))  # only the count is needed here; the tokenizer reads them itself
-            continue
         try:
-            out[key] = field.contents()
-        except Exception:  # an exotic field type we do not use
-            log.debug("GGUF field %s unreadable; ignored", key)
-    return out
+            self._map.close()
+        except BufferError:  # a view of it is still alive somewhere: the map closes when that is collected
+            pass

@@ -57,9 +57,9 @@ class MeshEngine(Originator):
                  weights: Sequence[float] | None = None, threads: int | None = None,
                  timeouts: Timeouts = Timeouts(), max_frame: int = DEFAULT_MAX_FRAME,
                  node_id: str | None = None, memory_budget: int | None = None,
-                 skip_unreachable: bool = False) -> None:
+                 skip_unreachable: bool = False, defer: bool = False) -> None:
         super().__init__(model, dtype=dtype, threads=threads)
-        if not devices:
+        if not devices and not defer:
             raise MeshError("no devices given: pass --devices HOST:PORT,... or --local-devices N")
         self.addresses = list(devices)
         self.secret = secret
@@ -90,6 +90,8 @@ class MeshEngine(Originator):
         self.model_hash = model_hash(self._model_ref, src.config, cache_dir())
 
     async def _start(self) -> None:
+        if not self.addresses:
+            return  # deferred (no devices yet): only the head is loaded; `replan` brings devices in
         links = await asyncio.gather(*(self._connect(a) for a in self.addresses), return_exceptions=True)
         errors = [e for e in links if isinstance(e, BaseException)]
         self.members = [Member(a, link) for a, link in zip(self.addresses, links) if isinstance(link, Link)]

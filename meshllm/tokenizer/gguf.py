@@ -23,7 +23,7 @@ import tokenizers
 from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from meshllm.errors import ModelFileError, TokenizerError
+from meshllm.errors import TokenizerError
 from meshllm.tokenizer.base import merge_ids
 from meshllm.tokenizer.hf import HFTokenizer
 
@@ -156,21 +156,17 @@ def _bos_eos_template(bos: tuple[str, int] | None, eos: tuple[str, int] | None) 
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
-    from gguf import GGUFReader  # imported here: it pulls in numpy memory maps nobody else needs
+    from ..model.gguf_meta import read_header
 
-    try:
-        reader = GGUFReader(str(path))
-    except (OSError, ValueError, IndexError) as e:
-        raise ModelFileError(f"cannot read {path} as GGUF: {e}; check the file is a complete .gguf download") from e
     prefix = "tokenizer.ggml."
     meta = {}
-    for key, field in reader.fields.items():
+    for key, value in read_header(path).metadata.items():
         if key.startswith(prefix):
-            meta[key[len(prefix) :]] = field.contents()
+            meta[key[len(prefix) :]] = value
         elif key == "tokenizer.chat_template":
-            meta["chat_template"] = field.contents()
+            meta["chat_template"] = value
         elif key == "general.architecture":
-            meta["architecture"] = field.contents()
+            meta["architecture"] = value
     return meta
 
 
