@@ -35,7 +35,13 @@ UNREACHABLE_RETRY_S = 30.0  # a discovered device that refused a link is retried
 
 
 class Mesh:
-    """A model run across the devices of one mesh (those that share its secret) on the LAN."""
+    """A model run across the devices of one mesh (those that share its secret) on the LAN.
+
+    model: a Hugging Face folder or .gguf (default: $MESHLLM_MODEL, else the embedded SmolLM2-135M-Instruct).
+    secret: the mesh secret (default: $MESHLLM_SECRET). min_devices: wait for this many (default 1: with none
+    found, run here alone). timeout: seconds to wait for them. interface: browse on this address only (default:
+    $MESHLLM_INTERFACE, else every interface).
+    """
 
     def __init__(self, model: str | os.PathLike | None = None, *, secret: str | bytes | None = None,
                  min_devices: int = 1, timeout: float = 5.0, interface: str | None = None,
@@ -45,12 +51,12 @@ class Mesh:
             raise MeshError(f"min_devices must be 0 or more, got {min_devices}")
         if timeout <= 0:
             raise MeshError(f"timeout must be positive, got {timeout}")
-        self.model = model
+        self.model = model or os.environ.get("MESHLLM_MODEL") or None
         secret = secret if secret is not None else os.environ.get("MESHLLM_SECRET")
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self.min_devices = min_devices
         self.timeout = timeout
-        self.interface = interface
+        self.interface = interface or os.environ.get("MESHLLM_INTERFACE") or None
         self.dtype, self.threads, self.memory_budget, self.timeouts = dtype, threads, memory_budget, timeouts
         self.mesh_id: str | None = None
         self.ready_s = 0.0  # entering the context: discovery + plan + load

@@ -271,6 +271,7 @@ async def _cmd_join(args: argparse.Namespace) -> int:
     secret = secret_bytes(args.secret)
     if args.name and not all(c.isalnum() or c in "-_." for c in args.name) or args.name == "":
         raise MeshError(f"--name {args.name!r}: use letters, digits, '-', '_' and '.' only")
+    args.interface = args.interface or os.environ.get("MESHLLM_INTERFACE") or None
     host = args.interface or args.host
     cache = Path(args.cache_dir) if args.cache_dir else cache_dir()
     count = threads or cpu_count()

@@ -117,7 +117,12 @@ class Device:
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._accept, self.host, self.port)
+        try:
+            self._server = await loop.create_server(self._accept, self.host, self.port)
+        except OSError as e:
+            await self.__aexit__(None, None, None)
+            raise MeshError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}; choose a free --port "
+                            f"(0 picks any) and an --interface address this machine has") from e
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("device %s listening on %s:%d", self.node_id, self.host, self.port)
         return self

@@ -1,0 +1,117 @@
+"""`join`, `status`, `generate` and the examples as a user runs them on a LAN: real processes, mDNS on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.checkpoints import VARIANTS
+from helpers.devices import LOOPBACK, join, join_all
+
+from meshllm.discovery.mdns import Browser
+from meshllm.runtime.local import LocalEngine
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+async def run(*args: str, env: dict | None = None, timeout: float = 240) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(sys.executable, *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_sigterm_says_goodbye_closes_and_exits_cleanly(tmp_path):
+    secret = "bye-" + tmp_path.name
+    async with Browser(LOOPBACK) as b:
+        d = await join("leaver", secret, tmp_path, score=2.0)
+        for _ in range(100):
+            if any(r.node_id == "leaver" for r in b.peers.values()):
+                break
+            await b.changed(0.1)
+        assert any(r.node_id == "leaver" for r in b.peers.values())
+        assert await d.stop() == 0
+        for _ in range(50):  # the mDNS goodbye removes it at once, not when its record expires
+            if not any(r.node_id == "leaver" for r in b.peers.values()):
+                break
+            await b.changed(0.1)
+        assert not any(r.node_id == "leaver" for r in b.peers.values())
+    log = d.log.read_text()
+    assert "stopping" in log and "Traceback" not in log
+
+
+async def test_status_lists_devices_meshes_hub_and_round_trips(tmp_path):
+    ours, theirs = "status-a-" + tmp_path.name, "status-b-" + tmp_path.name
+    devices = await join_all([("st-1", ours, 3.0), ("st-2", ours, 7.0), ("st-x", theirs, 9.0)], tmp_path)
+    try:
+        code, out, err = await run("-m", "meshllm", "status", "--interface", LOOPBACK, "--timeout", "1.5",
+                                   "--json", env={"MESHLLM_SECRET": ours})
+        assert code == 0, err
+        got = {d["node_id"]: d for d in json.loads(out)["devices"]}
+        assert got["st-1"]["group"] == got["st-2"]["group"] == "ours" and got["st-x"]["group"] == "another mesh"
+        assert got["st-2"]["would_be_hub"] and not got["st-1"]["would_be_hub"]
+        assert got["st-1"]["rtt_kind"] == "authenticated ping" and got["st-x"]["rtt_kind"] == "tcp connect"
+        assert all(d["rtt_s"] is not None for d in got.values())
+        assert got["st-1"]["cores"] >= 1 and got["st-1"]["memory_bytes"] > 0 and got["st-1"]["disk_bytes"] > 0
+        code, out, err = await run("-m", "meshllm", "status", "--interface", LOOPBACK, "--timeout", "1.5",
+                                   env={"MESHLLM_SECRET": ours})
+        assert code == 0 and "st-2" in out and "another mesh" in out, err
+    finally:
+        await asyncio.gather(*(d.stop() for d in devices))
+
+
+async def test_generate_without_devices_discovers_the_mesh(make_model, tmp_path):
+    from meshllm import SamplingParams
+
+    model = make_model("cli_disc", **VARIANTS["gqa_tied"])
+    async with LocalEngine(model) as engine:
+        ref = await engine.generate("the quick brown fox", SamplingParams(max_tokens=8, ignore_eos=True), chat=False)
+    secret = "cli-" + tmp_path.name
+    devices = await join_all([("g-1", secret, 1.0), ("g-2", secret, 2.0)], tmp_path)
+    try:
+        code, out, err = await run("-m", "meshllm", "generate", "--model", str(model), "--raw", "--prompt",
+                                   "the quick brown fox", "--max-tokens", "8", "--ignore-eos", "--json",
+                                   "--interface", LOOPBACK, "--min-devices", "2", env={"MESHLLM_SECRET": secret})
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["token_ids"] == ref.token_ids
+        assert sorted(d["id"] for d in result["devices"][1:]) == ["g-1", "g-2"]
+        assert [d["id"] for d in result["devices"] if d["role"] == "hub"] == ["g-2"]
+    finally:
+        await asyncio.gather(*(d.stop() for d in devices))
+
+
+async def test_join_refuses_bad_input_with_a_clear_error(tmp_path):
+    code, _, err = await run("-m", "meshllm", "join", "--name", "bad name", env={"MESHLLM_SECRET": "x"})
+    assert code == 1 and "--name 'bad name'" in err and "Traceback" not in err
+    code, _, err = await run("-m", "meshllm", "join", "--interface", "203.0.113.77", "--port", "0", "--score", "1",
+                             env={"MESHLLM_SECRET": "x"})
+    assert code == 1 and "cannot listen on 203.0.113.77" in err and "Traceback" not in err
+    env = {k: v for k, v in os.environ.items() if k != "MESHLLM_SECRET"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "meshllm", "join", env=env,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1 and b"no mesh secret" in err
+
+
+@pytest.mark.parametrize("example, check", [
+    ("mesh_generate.py", lambda out: "Paris" in out),
+    ("mesh_stream.py", lambda out: len(out.strip()) > 0),
+    ("mesh_chat.py", lambda out: "> What is the capital of France?" in out and "Paris" in out),
+])
+async def test_examples_run_on_a_discovered_mesh(example, check, smollm2_gguf, tmp_path):
+    secret = "ex-" + tmp_path.name
+    devices = await join_all([("ex-1", secret, 1.0), ("ex-2", secret, 1.0)], tmp_path)
+    try:
+        args = [str(EXAMPLES / example)] + (["What is the capital of France?"] if example != "mesh_stream.py" else [])
+        code, out, err = await run(*args, env={"MESHLLM_SECRET": secret, "MESHLLM_INTERFACE": LOOPBACK,
+                                               "MESHLLM_MODEL": str(smollm2_gguf)})
+        assert code == 0, err
+        assert check(out), out
+        assert "alone" not in err  # it used the devices
+    finally:
+        await asyncio.gather(*(d.stop() for d in devices))
