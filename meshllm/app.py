@@ -31,6 +31,7 @@ from .wire.frames import PROTOCOL_VERSION
 log = logging.getLogger("meshllm.app")
 
 SETTLE_S = 0.3  # after the devices wanted are found: how long answers keep coming in a burst
+PROBE_TIMEOUT_S = 1.0  # a LAN device that does not accept a TCP connection in this long is not there
 UNREACHABLE_RETRY_S = 30.0  # a discovered device that refused a link is retried after this (or when it re-announces)
 
 
@@ -100,6 +101,10 @@ class Mesh:
                     await loading  # its failure (a bad model) is the error to report
                     self._engine = engine  # from here on, aclose() takes it down
                 await self._use(found)
+                if len(self._records) < self.min_devices and (self._records or self.min_devices > 1):
+                    raise MeshTimeoutError(
+                        f"{len(found)} device(s) of this mesh were found but only {len(self._records)} answered, "
+                        f"wanted {self.min_devices}: check that they are reachable from here (`meshllm status`)")
             if self._engine is None:
                 await self._use([])
         except BaseException:
@@ -160,35 +165,47 @@ class Mesh:
         return found
 
     async def _use(self, records: list[PeerRecord]) -> None:
-        """Bring the engine in line with `records`: a new plan over them, or this device alone when empty."""
+        """Bring the engine in line with `records`: a new plan over those that answer (and are who they say), or
+        this device alone when there are none."""
         from .runtime.local import LocalEngine
         from .runtime.mesh import MeshEngine
 
         if not records:
             if isinstance(self._engine, LocalEngine):
                 return
-            await self._drop_engine()
             if self._secret:
                 log.warning("no device of this mesh found on the LAN: running on this device alone")
-            self._engine = LocalEngine(self.model, dtype=self.dtype, threads=self.threads)
-            await self._engine.__aenter__()
-            self._records = []
+            engine = LocalEngine(self.model, dtype=self.dtype, threads=self.threads)
+            await engine.__aenter__()
+            await self._drop_engine()
+            self._engine, self._records = engine, []
             return
         addresses = [r.address for r in records]
         if isinstance(self._engine, MeshEngine):  # the same engine (head loaded) on a new plan
             await self._engine.replan(addresses)
         else:
-            await self._drop_engine()
             engine = MeshEngine(self.model, addresses, self._secret, dtype=self.dtype, threads=self.threads,
                                 timeouts=self.timeouts, memory_budget=self.memory_budget, skip_unreachable=True)
             await engine.__aenter__()
+            await self._drop_engine()
             self._engine = engine
         now = time.monotonic()
+        by_address = {m.address: m for m in self._engine.members}
+        bad = []
         for r in records:
             if r.address in self._engine.unreachable:
-                self._unreachable[r.address] = (r, now)
-        live = {m.address for m in self._engine.members}
-        self._records = [r for r in records if r.address in live]
+                bad.append(r)
+            elif r.address in by_address and by_address[r.address].link.conn.peer_id != r.node_id:
+                log.warning("%s answered as %r, not as the %r it advertised: not used", r.address,
+                            by_address[r.address].link.conn.peer_id, r.node_id)
+                bad.append(r)
+        for r in bad:
+            self._unreachable[r.address] = (r, now)
+        if any(r.address in by_address for r in bad):  # a plan that includes an impostor: plan again without it
+            return await self._use([r for r in records if r not in bad])
+        self._records = [r for r in records if r.address in by_address]
+        if not self._records:
+            return await self._use([])
         log.info("mesh of %d device(s), hub %s", len(self._records), self._hub_name())
 
     async def _drop_engine(self) -> None:
@@ -208,17 +225,35 @@ class Mesh:
             return
         from .runtime.mesh import MeshEngine
 
-        wanted = self._wanted()
         current = [(r.node_id, r.address) for r in self._records]
+        wanted = await self._still_unreachable_dropped(self._wanted(), set(current))
         lost = isinstance(self._engine, MeshEngine) and any(not m.link.is_open for m in self._engine.members)
         if lost or [(r.node_id, r.address) for r in wanted] != current:
             log.info("devices changed (%d -> %d%s): re-planning", len(current), len(wanted),
                      ", a link was lost" if lost else "")
             try:
                 await self._use(wanted)
-            except MeshError:
-                await self._drop_engine()  # the next request tries again from scratch
+            except BaseException:
+                self._records = []
+                await self._drop_engine()  # the next request starts again from scratch
                 raise
+
+    async def _still_unreachable_dropped(self, wanted: list[PeerRecord], current: set) -> list[PeerRecord]:
+        """A device that refused us before (a crash leaves its record behind until it expires) is tried with a
+        plain TCP connect before it can cause a new plan; if it still does not answer, it stays out."""
+        out = []
+        for r in wanted:
+            if (r.node_id, r.address) not in current and r.address in self._unreachable:
+                host, port = r.address.rsplit(":", 1)
+                try:
+                    _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), PROBE_TIMEOUT_S)
+                    writer.close()
+                except (OSError, TimeoutError):
+                    self._unreachable[r.address] = (r, time.monotonic())
+                    continue
+                del self._unreachable[r.address]
+            out.append(r)
+        return out
 
     async def _engine_for_request(self):
         await self._refresh()

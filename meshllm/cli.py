@@ -246,7 +246,7 @@ async def _cmd_join(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from .discovery.mdns import Advertiser, local_addresses
+    from .discovery.mdns import Advertiser, check_ipv4, local_addresses
     from .discovery.probe import available_memory, capability, free_disk
     from .discovery.records import PeerRecord, mesh_id
     from .model.default import cache_dir
@@ -269,14 +269,17 @@ async def _cmd_join(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     secret = secret_bytes(args.secret)
-    if args.name and not all(c.isalnum() or c in "-_." for c in args.name) or args.name == "":
-        raise MeshError(f"--name {args.name!r}: use letters, digits, '-', '_' and '.' only")
+    if args.name is not None and (not args.name or len(args.name) > 40
+                                  or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in args.name)):
+        raise MeshError(f"--name {args.name!r}: use 1 to 40 letters, digits, '-', '_' and '.'")
     args.interface = args.interface or os.environ.get("MESHLLM_INTERFACE") or None
     host = args.interface or args.host
     cache = Path(args.cache_dir) if args.cache_dir else cache_dir()
     count = threads or cpu_count()
-    if args.score is not None and not args.score > 0:
-        raise MeshError(f"--score must be positive, got {args.score}")
+    if args.score is not None and not args.score >= 0.001:
+        raise MeshError(f"--score must be at least 0.001, got {args.score}")
+    if not args.no_advertise and host not in ("0.0.0.0", ""):
+        check_ipv4(host, "--interface" if args.interface else "--host")
     measured = None
     if args.score is None:
         measured = await loop.run_in_executor(None, capability, cache, count, args.refresh_probe)

@@ -29,6 +29,14 @@ class Cap:
         self.groups: list[Path] = []
 
     def __enter__(self) -> "Cap":
+        try:
+            self._make()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _make(self) -> None:
         if self.memory_bytes is not None:
             g = ROOT / "memory" / self.name
             g.mkdir()
@@ -42,8 +50,7 @@ class Cap:
             self.groups.append(g)
             period = 100_000
             (g / "cpu.cfs_period_us").write_text(str(period))
-            (g / "cpu.cfs_quota_us").write_text(str(int(self.cpus * period)))
-        return self
+            (g / "cpu.cfs_quota_us").write_text(str(max(1000, int(self.cpus * period))))
 
     def prefix(self) -> list[str]:
         """argv prefix: a shell that moves itself into the groups, then execs the command."""

@@ -47,6 +47,16 @@ def unusable() -> str | None:
     return None
 
 
+def free_subnet(start: int) -> str:
+    """A 10.213.K.0/24 no interface or route here uses already (K tried from `start`)."""
+    taken = sh("ip", "-4", "-o", "addr", "show").stdout + sh("ip", "-4", "route", "show").stdout
+    for k in range(250):
+        net = f"10.213.{(start + k) % 250}"
+        if f"{net}." not in taken:
+            return net
+    raise RuntimeError("no free 10.213.K.0/24 subnet for the testbed")
+
+
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if check and r.returncode:
@@ -69,7 +79,7 @@ class Testbed:
         self.cpus, self.memory, self.budget, self.scores, self.threads = cpus, memory, budget, scores, threads
         self.start_devices = start
         tag = os.getpid() % 100000
-        self.subnet = f"10.213.{os.getpid() % 250}"
+        self.subnet = free_subnet(os.getpid() % 250)
         self.bridge = f"mlb{tag}"
         self.host_ip = f"{self.subnet}.254"
         self.namespaces = [f"mlns{tag}-{i}" for i in range(devices)]
@@ -82,6 +92,7 @@ class Testbed:
         self.started_at: list[float] = []  # perf_counter when each join was started
         self._made_bridge = False
         self._made_ns: list[str] = []
+        self._caps_made: list[Cap] = []
 
     # -- network -----------------------------------------------------------------------------------------------
 
@@ -117,11 +128,11 @@ class Testbed:
 
     def leftovers(self) -> list[str]:
         """Anything of ours still there (for the clean-teardown check)."""
-        links = sh("ip", "-br", "link").stdout
-        ns = sh("ip", "netns", "list").stdout
-        out = [x for x in [self.bridge, *self.veths] if x in links.split()]
+        links = {line.split()[0].split("@")[0] for line in sh("ip", "-br", "link").stdout.splitlines() if line}
+        ns = {line.split()[0] for line in sh("ip", "netns", "list").stdout.splitlines() if line}
+        out = [x for x in [self.bridge, *self.veths] if x in links]
         out += [x for x in self.namespaces if x in ns]
-        out += [c.name for c in self.caps if any((g.exists()) for g in c.groups)]
+        out += [c.name for c in [*self.caps, *self._caps_made] if any(g.exists() for g in c.groups)]
         return out
 
     # -- devices -----------------------------------------------------------------------------------------------
@@ -139,7 +150,8 @@ class Testbed:
                 self.caps.append(cap)
                 prefix = cap.prefix()
             ip = self.ips[i]
-            cmd = [*self._exec(i), *prefix, sys.executable, "-m", "meshllm", "join", "--interface", ip,
+            # the cgroup first: `ip netns exec` mounts a /sys of its own, without the cgroup file systems
+            cmd = [*prefix, *self._exec(i), sys.executable, "-m", "meshllm", "join", "--interface", ip,
                    "--port", str(DEVICE_PORT), "--name", f"ns{i}", "--threads", str(self.threads),
                    "--cache-dir", str(self.log_dir / f"cache-{i}")]
             if self.scores:
@@ -170,7 +182,7 @@ class Testbed:
         if not line.startswith(READY):
             raise RuntimeError(f"device in {self.namespaces[i]} did not start: {line!r}; see "
                                f"{self.log_dir / f'ns{i}.log'}")
-        return {"name": line.split()[3], "namespace": self.namespaces[i], "ip": self.ips[i],
+        return {"name": line.split()[2], "address": line.split()[3], "namespace": self.namespaces[i], "ip": self.ips[i],
                 "ready_s": time.perf_counter() - self.started_at[i]}
 
     async def stop_devices(self, timeout: float = 15.0) -> None:
@@ -184,12 +196,19 @@ class Testbed:
                 p.kill()
                 await p.wait()
         self.procs = []
-        for cap in self.caps:
-            cap.__exit__(None, None, None)
+        caps, self.caps = self.caps, []
+        for cap in caps:
+            await asyncio.to_thread(cap.__exit__, None, None, None)
+        self._caps_made = caps
 
     async def __aenter__(self) -> "Testbed":
         try:
-            await asyncio.to_thread(self.build)
+            building = asyncio.ensure_future(asyncio.to_thread(self.build))
+            try:
+                await asyncio.shield(building)
+            except asyncio.CancelledError:
+                await asyncio.wait({building}, timeout=60)  # let the thread finish, so teardown sees all it made
+                raise
             if self.start_devices:
                 await self.start()
         except BaseException:
@@ -216,6 +235,18 @@ def _size(text: str) -> int:
 
 
 async def main_async(args) -> None:
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # from the start: a signal while building still tears down
+        loop.add_signal_handler(sig, main.cancel)
+    try:
+        await _serve(args)
+    except asyncio.CancelledError:
+        pass
+    print("testbed removed", file=sys.stderr)
+
+
+async def _serve(args) -> None:
     secret = args.secret or os.environ.get("MESHLLM_SECRET") or os.urandom(16).hex()
     async with Testbed(args.devices, secret, rtt_ms=args.rtt_ms, rate=args.rate, cpus=args.cpus,
                        memory=args.memory, budget=args.model_budget, threads=args.threads) as tb:
@@ -223,15 +254,16 @@ async def main_async(args) -> None:
               flush=True)
         print(f"ready: MESHLLM_SECRET={secret} python -m meshllm generate --interface {tb.host_ip} "
               f"--min-devices {args.devices} --prompt ...   (stop with Ctrl-C or by closing stdin)", file=sys.stderr)
-        stop = asyncio.Event()
+        closed = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        stdin_closed = loop.run_in_executor(None, sys.stdin.read)
-        stop_wait = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({stdin_closed, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-    print("testbed removed", file=sys.stderr)
+
+        def on_stdin() -> None:
+            if not os.read(sys.stdin.fileno(), 65536):
+                loop.remove_reader(sys.stdin.fileno())
+                closed.set()
+
+        loop.add_reader(sys.stdin.fileno(), on_stdin)
+        await closed.wait()  # or a signal cancels this task
 
 
 def main() -> None:

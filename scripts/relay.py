@@ -22,14 +22,25 @@ QUEUED = 1024  # chunks in flight per direction (64 MiB at most): the reader wai
 
 def pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
     q: queue.Queue = queue.Queue(maxsize=QUEUED)
+    done = threading.Event()  # the writer stopped: the reader must not wait on a full queue forever
+
+    def put(item) -> bool:
+        while not done.is_set():
+            try:
+                q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def read() -> None:
         try:
             while data := src.recv(CHUNK):
-                q.put((time.perf_counter() + delay, data))
+                if not put((time.perf_counter() + delay, data)):
+                    return
         except OSError:
             pass
-        q.put((0.0, b""))
+        put((0.0, b""))
 
     threading.Thread(target=read, daemon=True).start()
     try:
@@ -44,6 +55,7 @@ def pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
     except OSError:
         pass
     finally:
+        done.set()
         for s in (dst, src):
             try:
                 s.shutdown(socket.SHUT_RDWR)

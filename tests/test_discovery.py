@@ -200,3 +200,29 @@ async def test_with_no_device_found_the_app_runs_here_alone_and_says_so(model, r
             assert m.local and m.devices == [] and m.plan is None
             assert (await _generate(m)).token_ids == reference.token_ids
     assert any("running on this device alone" in r.message for r in caplog.records)
+
+
+async def test_a_record_nobody_answers_behind_is_skipped_and_the_app_runs_here(model, reference, tmp_path, caplog):
+    """A crashed device leaves its record behind until it expires: the app must not fail on it."""
+    from zeroconf import IPVersion
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    secret = "ghost-" + tmp_path.name
+    with socket.socket() as s:  # a port with nothing listening on it
+        s.bind((LOOPBACK, 0))
+        dead_port = s.getsockname()[1]
+    ghost = _record(node_id="ghost", mesh=mesh_id(secret.encode()), addresses=(LOOPBACK,), port=dead_port)
+    zc = AsyncZeroconf(interfaces=[LOOPBACK], ip_version=IPVersion.V4Only)
+    info = AsyncServiceInfo(SERVICE_TYPE, f"ghost-{tmp_path.name[-20:]}.{SERVICE_TYPE}", port=dead_port,
+                            properties=ghost.properties(), addresses=[socket.inet_aton(LOOPBACK)],
+                            server="ghost.local.")
+    try:
+        await (await zc.async_register_service(info, cooperating_responders=True))
+        with caplog.at_level(logging.WARNING):
+            async with Mesh(model, secret=secret, timeout=5, interface=LOOPBACK) as m:
+                assert m.local
+                assert (await _generate(m)).token_ids == reference.token_ids
+                assert (await _generate(m)).token_ids == reference.token_ids  # no new plan attempt per request
+        assert any("unreachable" in r.message for r in caplog.records)
+    finally:
+        await zc.async_close()

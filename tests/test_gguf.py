@@ -41,3 +41,16 @@ def test_a_truncated_gguf_is_named(smollm2_gguf, tmp_path):
     junk.write_bytes(b"not a gguf at all")
     with pytest.raises(ModelFileError, match="not a GGUF file"):
         read_header(junk)
+
+
+def test_a_gguf_cut_inside_its_tensor_data_is_named(smollm2_gguf, tmp_path):
+    from meshllm.errors import ModelFileError
+    from meshllm.model.gguf_meta import read_header, tensor_array
+
+    header = read_header(smollm2_gguf)
+    cut = tmp_path / "short.gguf"
+    cut.write_bytes(smollm2_gguf.read_bytes()[:header.data_offset + 1000])
+    short = read_header(cut)  # the header is whole
+    last = max(short.tensors.values(), key=lambda t: t.offset)
+    with pytest.raises(ModelFileError, match="truncated"):
+        tensor_array(cut.read_bytes(), last)

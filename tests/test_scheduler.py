@@ -133,6 +133,7 @@ async def _device_in_cgroup(limit: int, budget: int | None, cache: Path, secret:
     (group / "memory.limit_in_bytes").write_text(str(limit))
     (group / "memory.swappiness").write_text("0") if (group / "memory.swappiness").exists() else None
     cmd = [sys.executable, "-m", "meshllm", "join", "--host", "127.0.0.1", "--port", "0", "--name", f"capped-{tag}",
+           "--no-advertise", "--score", "1",  # a private device, like LocalCluster's (no mDNS, no probe)
            "--threads", "1", "--cache-dir", str(cache)]
     if budget:
         cmd += ["--memory-budget", str(budget)]

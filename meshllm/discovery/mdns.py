@@ -25,11 +25,33 @@ MAX_PEERS = 256  # records kept by a browser; more is a flood, not a LAN of devi
 
 
 def local_addresses() -> list[str]:
-    """This machine's IPv4 addresses, loopback last (what a device bound to 0.0.0.0 advertises)."""
+    """This machine's IPv4 addresses (what a device bound to 0.0.0.0 advertises), best first: LAN addresses, then
+    link-local, then loopback."""
     import ifaddr
 
-    found = [ip.ip for a in ifaddr.get_adapters() for ip in a.ips if isinstance(ip.ip, str)]
-    return sorted(set(found), key=lambda ip: (ip.startswith("127."), ip)) or ["127.0.0.1"]
+    found = {ip.ip for a in ifaddr.get_adapters() for ip in a.ips if isinstance(ip.ip, str)}
+    return sorted(found, key=lambda ip: (ip.startswith("127."), ip.startswith("169.254."), ip)) or ["127.0.0.1"]
+
+
+def _subnet(ip: str) -> str:
+    return ip.rsplit(".", 1)[0]
+
+
+def order_addresses(addresses, ours: list[str]) -> tuple[str, ...]:
+    """A peer's advertised addresses, the one most likely to reach it from here first: on a /24 we are on, then
+    not link-local, not loopback (unless it is all there is), then as advertised."""
+    nets = {_subnet(a) for a in ours if not a.startswith("127.")}
+    return tuple(sorted(dict.fromkeys(addresses), key=lambda a: (
+        _subnet(a) not in nets, a.startswith("127.") and bool(nets), a.startswith("169.254."))))
+
+
+def check_ipv4(address: str, what: str) -> str:
+    try:
+        socket.inet_aton(address)
+    except OSError:
+        raise MeshError(f"{what} {address!r} is not an IPv4 address of this machine (one of: "
+                        f"{', '.join(local_addresses())})") from None
+    return address
 
 
 def _zeroconf(interface: str | None) -> AsyncZeroconf:
@@ -56,6 +78,8 @@ class Advertiser:
 
     async def __aenter__(self) -> "Advertiser":
         r = self.record
+        for a in r.addresses:
+            check_ipv4(a, "advertised address")
         self._zc = _zeroconf(self.interface)
         self._info = AsyncServiceInfo(
             SERVICE_TYPE, f"{self.instance}.{SERVICE_TYPE}", port=r.port, properties=r.properties(),
@@ -96,35 +120,53 @@ class Browser:
     def __init__(self, interface: str | None = None, on_change: Callable[[], None] | None = None) -> None:
         self.interface = interface
         self.peers: dict[str, PeerRecord] = {}
-        self.rejected: dict[str, str] = {}  # service name -> why its record was ignored
+        self.rejected: dict[str, str] = {}  # service name -> why its record was ignored (at most MAX_PEERS)
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[str, asyncio.Task] = {}  # service name -> its lookup under way
+        self._ours = [interface] if interface else []
         self._event = asyncio.Event()
         self._on_change = on_change
 
     async def __aenter__(self) -> "Browser":
+        if not self._ours:
+            self._ours = await asyncio.to_thread(local_addresses)
         self._zc = _zeroconf(self.interface)
-        self._browser = AsyncServiceBrowser(self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._handler])
+        try:
+            self._browser = AsyncServiceBrowser(self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._handler])
+        except BaseException:
+            await asyncio.wait_for(self._zc.async_close(), 5.0)
+            raise
         return self
 
     async def __aexit__(self, *exc) -> None:
-        for t in list(self._tasks):
+        for t in list(self._tasks.values()):
             t.cancel()
-        if self._browser is not None:
-            await asyncio.wait_for(self._browser.async_cancel(), 5.0)
-        if self._zc is not None:
-            await asyncio.wait_for(self._zc.async_close(), 5.0)
+        try:
+            if self._browser is not None:
+                await asyncio.wait_for(self._browser.async_cancel(), 5.0)
+        finally:
+            if self._zc is not None:
+                await asyncio.wait_for(self._zc.async_close(), 5.0)
 
     def _handler(self, zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         if state_change is ServiceStateChange.Removed:
+            task = self._tasks.pop(name, None)
+            if task is not None:
+                task.cancel()  # a lookup finishing after the goodbye must not bring the record back
+            self.rejected.pop(name, None)
             if self.peers.pop(name, None) is not None:
                 log.info("device left: %s", name)
                 self._notify()
             return
+        if name in self._tasks:
+            return  # already being looked up
+        if len(self._tasks) >= MAX_PEERS:
+            log.warning("ignoring %s: %d mDNS lookups already under way", name, len(self._tasks))
+            return
         task = asyncio.get_running_loop().create_task(self._resolve(name))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[name] = task
+        task.add_done_callback(lambda t, n=name: self._tasks.pop(n, None) if self._tasks.get(n) is t else None)
 
     async def _resolve(self, name: str) -> None:
         info = AsyncServiceInfo(SERVICE_TYPE, name)
@@ -132,13 +174,15 @@ class Browser:
             log.debug("no answer resolving %s", name)
             return
         try:
-            record = decode(info.properties or {}, tuple(info.parsed_addresses(IPVersion.V4Only)), info.port or 0)
+            addresses = order_addresses(info.parsed_addresses(IPVersion.V4Only), self._ours)
+            record = decode(info.properties or {}, addresses, info.port or 0)
             if not record.addresses:
                 raise RecordError("no IPv4 address")
         except RecordError as e:
             if self.rejected.get(name) != str(e):
                 log.warning("ignoring mDNS record %s: %s", name, e)
-            self.rejected[name] = str(e)
+            if name in self.rejected or len(self.rejected) < MAX_PEERS:
+                self.rejected[name] = str(e)
             return
         if name not in self.peers and len(self.peers) >= MAX_PEERS:
             log.warning("ignoring %s: already tracking %d devices", name, MAX_PEERS)

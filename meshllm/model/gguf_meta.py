@@ -72,11 +72,14 @@ class _Cursor:
             itype, n = self.take("<I"), self.take("<Q")
             if n > MAX_ITEMS:
                 raise ModelFileError(f"{self.path}: GGUF array of {n} items: corrupt header")
+            # every item takes at least its fixed size (a string: its 8-byte length), so a count the rest of the
+            # file cannot hold is caught before any loop runs
+            least = np.dtype(_NUMPY[itype]).itemsize if itype in _NUMPY else 8
+            if n * least > len(self.buf) - self.pos:
+                raise ModelFileError(f"{self.path}: GGUF array of {n} items runs past the end of the file")
             if itype in _NUMPY:
                 dt = np.dtype(_NUMPY[itype])
                 end = self.pos + n * dt.itemsize
-                if end > len(self.buf):
-                    raise ModelFileError(f"{self.path}: GGUF array runs past the end of the file")
                 out = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.pos).tolist()
                 self.pos = end
                 return out
@@ -96,12 +99,12 @@ def _read_header(path: str, mtime_ns: int, size: int) -> GGUFHeader:
     try:
         with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return _parse(buf, p)
-    except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
-        if isinstance(e, ModelFileError):
-            raise
-        raise ModelFileError(f"cannot read {p} as GGUF: {e}; check the file is a complete .gguf download") from e
+    except ModelFileError:
+        raise
     except UnicodeDecodeError as e:
         raise ModelFileError(f"{p}: a GGUF string is not UTF-8 ({e})") from e
+    except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
+        raise ModelFileError(f"cannot read {p} as GGUF: {e}; check the file is a complete .gguf download") from e
 
 
 def _parse(buf, path: Path) -> GGUFHeader:
@@ -127,7 +130,9 @@ def _parse(buf, path: Path) -> GGUFHeader:
             raise ModelFileError(f"{path}: tensor {name!r} has {n_dims} dimensions: corrupt header")
         dims = tuple(c.take("<Q") for _ in range(n_dims))
         infos.append((name, dims, c.take("<I"), c.take("<Q")))
-    align = int(metadata.get("general.alignment", 32))
+    align = metadata.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0 or align % 8:
+        raise ModelFileError(f"{path}: general.alignment is {align!r}; GGUF requires a positive multiple of 8")
     data_offset = c.pos + (-c.pos) % align
     tensors = {name: TensorInfo(name, dims, t, data_offset + off) for name, dims, t, off in infos}
     return GGUFHeader(version, metadata, tensors, data_offset)
@@ -140,14 +145,22 @@ def tensor_array(buf, info: TensorInfo) -> np.ndarray:
 
     qtype = GGMLQuantizationType(info.ggml_type)
     shape = tuple(reversed(info.dims))
-    if qtype == GGMLQuantizationType.F32:
-        return np.frombuffer(buf, np.float32, int(np.prod(shape)), info.offset).reshape(shape)
-    if qtype == GGMLQuantizationType.F16:
-        return np.frombuffer(buf, np.float16, int(np.prod(shape)), info.offset).reshape(shape)
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        dt = np.float32 if qtype == GGMLQuantizationType.F32 else np.float16
+        count = int(np.prod(shape))
+        _check_fits(buf, info, count * np.dtype(dt).itemsize)
+        return np.frombuffer(buf, dt, count, info.offset).reshape(shape)
     block, nbytes = GGML_QUANT_SIZES[qtype]
     if shape[-1] % block:
         raise ModelFileError(f"tensor {info.name!r}: {shape[-1]} columns is not a whole number of {qtype.name} "
                              f"blocks of {block}")
     row = shape[-1] // block * nbytes
     byte_shape = (*shape[:-1], row)
+    _check_fits(buf, info, int(np.prod(byte_shape)))
     return np.frombuffer(buf, np.uint8, int(np.prod(byte_shape)), info.offset).reshape(byte_shape)
+
+
+def _check_fits(buf, info: TensorInfo, nbytes: int) -> None:
+    if info.offset + nbytes > len(buf):
+        raise ModelFileError(f"tensor {info.name!r} runs past the end of the file ({info.offset + nbytes} > "
+                             f"{len(buf)} bytes): the file is truncated; download it again")

@@ -127,8 +127,9 @@ class BlockStore:
         for fut in self._loads.values():
             fut.cancel()  # a read already running finishes in the I/O thread; its result is dropped
         self._loads.clear()
-        for j in self.window.rewind():
-            self.blocks.pop(j, None)
+        dropped = [self.blocks.pop(j) for j in self.window.rewind() if j in self.blocks]
+        if dropped:
+            self.io.submit(dropped.clear)  # unmapped in the I/O thread, before the reads issued next (FIFO)
         self._issue()
 
     def close(self) -> None:

@@ -96,11 +96,12 @@ class MeshEngine(Originator):
         errors = [e for e in links if isinstance(e, BaseException)]
         self.members = [Member(a, link) for a, link in zip(self.addresses, links) if isinstance(link, Link)]
         self.unreachable = {a: e for a, e in zip(self.addresses, links) if isinstance(e, BaseException)}
-        if errors and (not self.skip_unreachable or not self.members
-                       or any(not isinstance(e, Exception) for e in errors)):
+        if errors and (not self.skip_unreachable or any(not isinstance(e, Exception) for e in errors)):
             raise errors[0]
         for a, e in self.unreachable.items():
             log.warning("device %s is unreachable, planning without it: %s", a, e)
+        if not self.members:
+            return  # skip_unreachable and nobody answered: no plan (the caller decides what to do)
         if self.budget is not None and self.head.nbytes() > self.budget:
             raise PlanError(f"the originator's embedding and LM head take {human_bytes(self.head.nbytes())}, over "
                             f"its budget of {human_bytes(self.budget)}; the smallest budget that works here is "
@@ -121,13 +122,13 @@ class MeshEngine(Originator):
         for rank, m in enumerate(self.members):
             m.rank = rank
         try:
-            await asyncio.gather(*(self._load_member(m, dtype_name) for m in self.members))
+            await gather_or_cancel(*(self._load_member(m, dtype_name) for m in self.members))
         finally:
             if self._stream_src is not None:
                 self._stream_src.close()
                 self._stream_src = None
         self._active = False  # a request is between begin and end
-        await asyncio.gather(*(self._request(m, "connected", {"t": "connect_hub", "session": self.session,
+        await gather_or_cancel(*(self._request(m, "connected", {"t": "connect_hub", "session": self.session,
                                                                "hub": hub.address},
                                              self.timeouts.connect + self.timeouts.handshake, "joining the hub")
                                for m in self.members if m.rank != self.plan.hub))
@@ -207,7 +208,12 @@ class MeshEngine(Originator):
             self._failure = None
             self._pending.clear()
             self._active = False
-            await self._start()
+            try:
+                await self._start()
+            except BaseException:
+                await self._stop()  # never leave a half-built plan behind: no members means a new bring-up
+                self.plan = None
+                raise
 
     # -- messages ----------------------------------------------------------------------------------------------
 
@@ -363,6 +369,28 @@ class MeshEngine(Originator):
                 "q_heads": [shard.q_start, shard.q_stop], "mlp_columns": [shard.mlp_start, shard.mlp_stop],
             })
         return out
+
+
+async def gather_or_cancel(*aws) -> list:
+    """Like gather, but the first failure cancels the others (and is raised once they have stopped)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    if not tasks:
+        return []
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:  # we were cancelled
+        done, pending = set(), set(tasks)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        raise
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            raise t.exception()
+    return [t.result() for t in tasks]
 
 
 def local_secret() -> bytes:
