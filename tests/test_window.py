@@ -132,3 +132,16 @@ def test_no_pins_when_the_budget_only_holds_the_streaming_room():
     assert Window([10, 30] * 5, budget=90).pinned == frozenset()
     assert Window([10, 30] * 5, budget=400).pinned == frozenset()  # everything fits: nothing streams at all
     assert Window([10, 30] * 5).pinned == frozenset()
+
+
+def test_a_page_cache_smaller_than_the_stream_keeps_a_spread_subset():
+    sizes = [10, 30] * 20
+    w = Window(sizes, budget=200)
+    streamed = [i for i in range(len(sizes)) if w.streamed(i)]
+    assert w.page_cached(None) == frozenset(streamed)  # unknown room: leave the kernel alone
+    assert w.page_cached(10**9) == frozenset(streamed)  # it all fits: keep it all
+    assert w.page_cached(0) == frozenset()
+    kept = w.page_cached(300)
+    assert set(kept) <= set(streamed) and 270 <= sum(sizes[i] for i in kept) <= 300
+    assert max(b - a for a, b in zip(sorted(kept), sorted(kept)[1:])) <= 6  # spread, not a run
+    assert not kept & w.pinned

@@ -64,6 +64,34 @@ def available_memory() -> int:
     return min(avail, limit) if limit else avail
 
 
+def _rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+PAGE_CACHE_MARGIN = 64 * 2**20  # kept free for activations, buffers and the kernel's own slack
+
+
+def page_cache_room(weights: int) -> int | None:
+    """Bytes of page cache this device can keep beside `weights` bytes of its own: under a memory cgroup, the limit
+    less this process's RSS and the weights; otherwise MemAvailable less the weights. None when unknown."""
+    limit = _cgroup_memory_limit()
+    if limit:
+        return max(0, limit - _rss_bytes() - weights - PAGE_CACHE_MARGIN)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return max(0, int(line.split()[1]) * 1024 - weights - PAGE_CACHE_MARGIN)
+    except OSError:
+        pass
+    return None
+
+
 def free_disk(folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     return shutil.disk_usage(folder).free

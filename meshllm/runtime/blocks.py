@@ -17,7 +17,7 @@ import torch
 from ..model.config import ModelConfig
 from ..model.layers import AttnBlock, MlpBlock, kv_index_for
 from ..model.shard import Shard
-from ..scheduler.slices import SliceCache, read_block
+from ..scheduler.slices import SliceCache, advise_willneed, drop_cached_pages, read_block
 from ..scheduler.window import Window
 
 
@@ -44,9 +44,13 @@ class BlockStore:
     """Blocks 0..2L-1 (2*layer + phase) of one shard."""
 
     def __init__(self, cache: SliceCache, sizes: dict[int, int], config: ModelConfig, shard: Shard,
-                 budget: int | None, io: Executor, read_rate: float | None = None) -> None:
+                 budget: int | None, io: Executor, read_rate: float | None = None,
+                 page_cache_room: int | None = None) -> None:
         self.cache, self.config, self.shard = cache, config, shard
         self.window = Window([sizes[i] for i in range(len(sizes))], budget)
+        kept = self.window.page_cached(page_cache_room)
+        # streamed blocks whose pages are dropped from the page cache after use (so the others stay cached)
+        self.uncached = frozenset(i for i in range(len(sizes)) if self.window.streamed(i) and i not in kept)
         self.io = io
         self.read_rate = read_rate
         self.blocks: dict[int, object] = {}
@@ -81,7 +85,11 @@ class BlockStore:
     def _read(self, i: int):
         t0 = time.perf_counter()
         # blocks that stay for good are copied in; streamed ones are mapped, so releasing them returns the pages
+        if i in self.uncached:
+            advise_willneed(self.cache.path(i))  # from disk: let the kernel read the whole file in large requests
         tensors, n = read_block(self.cache.path(i), self.read_rate, mapped=self.window.streamed(i))
+        if not self.window.fits and i in self.window.pinned:
+            drop_cached_pages(self.cache.path(i))  # copied in for good: its file pages would only take room
         self.disk_read_bytes += n
         self.read_s += time.perf_counter() - t0
         return build_block(i, tensors, self.config, self.shard)
@@ -112,12 +120,19 @@ class BlockStore:
         if self.window.fits:
             self.window.computed(i)
             return
-        dropped = [self.blocks.pop(j) for j in self.window.computed(i) if j in self.blocks]
-        if dropped:
+        released = [j for j in self.window.computed(i) if j in self.blocks]
+        if released:
             # the last references go to the I/O thread, so the unmapping happens there (not on the loop, not on the
             # allreduce's critical path) and, the executor being FIFO, before the reads that reuse the room
-            self.io.submit(dropped.clear)
+            self.io.submit(self._release, [self.blocks.pop(j) for j in released],
+                           [self.cache.path(j) for j in released if j in self.uncached])
         self._issue()
+
+    @staticmethod
+    def _release(blocks: list, uncached: list) -> None:
+        blocks.clear()  # the maps close with their last tensors
+        for path in uncached:
+            drop_cached_pages(path)
 
     def rewind(self) -> None:
         """Back to block 0 (each request starts there; an aborted one may have stopped anywhere)."""

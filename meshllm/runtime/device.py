@@ -21,6 +21,7 @@ import torch
 from ..collectives.driver import StarAllreduce
 from ..errors import MeshError, MeshTimeoutError, ProtocolError
 from ..cluster.plan import human_bytes
+from ..discovery.probe import page_cache_room
 from ..model.config import ModelConfig
 from ..model.loader import resolve_dtype
 from ..model.shard import Shard
@@ -253,6 +254,7 @@ class Device:
             "resident_weight_bytes": session.store.peak_resident_bytes if session.store else 0,
             "disk_read_bytes": session.store.disk_read_bytes - session.disk_mark if session.store else 0,
             "disk_read_total_bytes": session.store.disk_read_bytes if session.store else 0,
+            "storage_read_total_bytes": storage_read_bytes(),  # what really came from the disk (page cache misses)
             "read_s": session.store.read_s if session.store else 0.0,
             "stall_s": session.store.stall_s if session.store else 0.0,
             "budget_bytes": self.budget,
@@ -297,14 +299,19 @@ class Device:
                 for expected in missing:
                     index, size = await self._receive_block(session, cache, expected)
                     sizes[index] = size
-            store = BlockStore(cache, sizes, config, shard, self.budget, self._io, self.read_rate)
+            room = await asyncio.get_running_loop().run_in_executor(
+                self._io, page_cache_room, min(self.budget or 0, sum(sizes.values())))
+            store = BlockStore(cache, sizes, config, shard, self.budget, self._io, self.read_rate, room)
             await store.start()
             session.store = store
             session.worker = ShardWorker(config, shard, [], [], dtype)
             log.info("session %s: rank %d/%d%s, shard %s ready in %.2f s (%s of weights, %s)", sid, rank, world,
                      " (hub)" if session.is_hub else "", shard, time.perf_counter() - t0,
                      human_bytes(store.total_bytes),
-                     "all resident" if store.window.fits else f"window under {human_bytes(self.budget)}")
+                     "all resident" if store.window.fits else
+                     f"window under {human_bytes(self.budget)}, {len(store.window.pinned)} blocks pinned, "
+                     f"{len(store.uncached)} streamed blocks dropped from the page cache after use "
+                     f"(room for {human_bytes(room or 0)})")
         except Exception as e:  # any failure here fails this load only, with the reason sent back
             if not isinstance(e, (MeshError, OSError)):
                 log.exception("session %s: load failed", sid)
@@ -515,6 +522,17 @@ class Device:
     async def serve_until(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set."""
         await stop.wait()
+
+
+def storage_read_bytes() -> int:
+    """Bytes this process caused to be read from storage (Linux /proc/self/io; 0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def new_secret() -> str:

@@ -118,6 +118,29 @@ def _map_populated(fd: int, size: int) -> mmap.mmap:
     return buf
 
 
+def _advise(path: Path, advice: int) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, advice)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def drop_cached_pages(path: Path) -> None:
+    """Ask the kernel to drop a file's clean pages from the page cache (blocking: the I/O executor)."""
+    _advise(path, os.POSIX_FADV_DONTNEED)
+
+
+def advise_willneed(path: Path) -> None:
+    """Ask the kernel to start reading a whole file into the page cache now, asynchronously."""
+    _advise(path, os.POSIX_FADV_WILLNEED)
+
+
 def sha256_file(path: Path) -> str:
     """SHA-256 of a file, read through a huge-page mapping: a file that comes in from disk here lands in the page
     cache as large folios, so the per-token mappings of a window stay cheap (read() would leave small ones)."""

@@ -27,24 +27,28 @@ class BudgetError(MeshError):
 STREAM_DEPTH = 3  # blocks of prefetch room: the one computing, and two read ahead while it computes and reduces
 
 
+def spread(sizes: Sequence[int], room: int, among: Sequence[int] | None = None) -> frozenset[int]:
+    """Blocks (of `among`, default all) holding at most `room` bytes, spread evenly over the cycle."""
+    idx = list(range(len(sizes)) if among is None else among)
+    total = sum(sizes[i] for i in idx)
+    if room <= 0 or not total:
+        return frozenset()
+    share = min(1.0, room / total)
+    chosen, held, credit = [], 0, 0.0
+    for i in idx:
+        credit += sizes[i] * share
+        if credit >= sizes[i] and held + sizes[i] <= room:
+            chosen.append(i)
+            held += sizes[i]
+            credit -= sizes[i]
+    return frozenset(chosen)
+
+
 def choose_pinned(sizes: Sequence[int], budget: int | None, depth: int = STREAM_DEPTH) -> frozenset[int]:
     """The blocks that stay once read: as many bytes as the budget leaves beside the streaming room, spread evenly."""
-    total = sum(sizes)
-    if budget is None or total <= budget or not sizes:
+    if budget is None or sum(sizes) <= budget or not sizes:
         return frozenset()
-    room = min(budget, depth * max(sizes))
-    pinnable = budget - room
-    if pinnable <= 0:
-        return frozenset()
-    share = pinnable / total
-    pinned, held, credit = [], 0, 0.0
-    for i, size in enumerate(sizes):
-        credit += size * share
-        if credit >= size and held + size <= pinnable:
-            pinned.append(i)
-            held += size
-            credit -= size
-    return frozenset(pinned)
+    return spread(sizes, budget - min(budget, depth * max(sizes)))
 
 
 def minimum_budget(sizes: Sequence[int]) -> int:
@@ -74,6 +78,16 @@ class Window:
     def streamed(self, i: int) -> bool:
         """Block i is read again every token (mapped, released after compute)."""
         return not self.fits and i not in self.pinned
+
+    def page_cached(self, room: int | None) -> frozenset[int]:
+        """The streamed blocks whose file pages should stay in the page cache when it has `room` bytes for them
+        (None: unknown, keep all). Cycling through more than the cache holds would evict every page before its
+        reuse (least-recently-used is the worst policy for a cycle); keeping a fixed, spread subset and dropping
+        the others' pages after use turns `room` bytes into hits every token."""
+        streamed = [i for i in range(len(self.sizes)) if self.streamed(i)]
+        if room is None or room >= sum(self.sizes[i] for i in streamed):
+            return frozenset(streamed)
+        return spread(self.sizes, room, streamed)
 
     @property
     def fits(self) -> bool:
