@@ -248,7 +248,7 @@ async def _cmd_join(args: argparse.Namespace) -> int:
 
     from .discovery.mdns import Advertiser, check_ipv4, local_addresses
     from .discovery.probe import available_memory, capability, free_disk
-    from .discovery.records import PeerRecord, mesh_id
+    from .discovery.records import PeerRecord, mesh_id, valid_node_id
     from .model.default import cache_dir
     from .runtime.device import Device, secret_bytes
     from .runtime.executors import cpu_count
@@ -269,8 +269,7 @@ async def _cmd_join(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     secret = secret_bytes(args.secret)
-    if args.name is not None and (not args.name or len(args.name) > 40
-                                  or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in args.name)):
+    if args.name is not None and (len(args.name) > 40 or not valid_node_id(args.name)):
         raise MeshError(f"--name {args.name!r}: use 1 to 40 letters, digits, '-', '_' and '.'")
     args.interface = args.interface or os.environ.get("MESHLLM_INTERFACE") or None
     host = args.interface or args.host

@@ -42,12 +42,10 @@ def prompt_ids(vocab: int) -> list[int]:
 def evict(folder: Path) -> None:
     """Drop our own block files from the page cache, so every budgeted run starts alike: the first reads come from
     disk through the windowed (huge-page) mappings, not through folios an earlier run happened to leave."""
+    from meshllm.scheduler.slices import drop_cached_pages
+
     for path in folder.rglob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        drop_cached_pages(path)
 
 
 async def run_mesh(model: Path, n: int, budget: int | None, tokens: int, cache: Path,

@@ -49,29 +49,24 @@ def _cgroup_memory_limit() -> int | None:
     return None
 
 
+def _proc_kib(path: str, key: str) -> int | None:
+    """A 'Key:   123 kB' line of a /proc file, in bytes."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def available_memory() -> int:
     """Bytes this device can still use: MemAvailable, or its cgroup limit when that is smaller."""
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    avail = _proc_kib("/proc/meminfo", "MemAvailable")
     if avail is None:
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     limit = _cgroup_memory_limit()
     return min(avail, limit) if limit else avail
-
-
-def _rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 PAGE_CACHE_MARGIN = 64 * 2**20  # kept free for activations, buffers and the kernel's own slack
@@ -82,14 +77,9 @@ def page_cache_room(weights: int) -> int | None:
     less this process's RSS and the weights; otherwise MemAvailable less the weights. None when unknown."""
     limit = _cgroup_memory_limit()
     if limit:
-        return max(0, limit - _rss_bytes() - weights - PAGE_CACHE_MARGIN)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return max(0, int(line.split()[1]) * 1024 - weights - PAGE_CACHE_MARGIN)
-    except OSError:
-        pass
-    return None
+        return max(0, limit - (_proc_kib("/proc/self/status", "VmRSS") or 0) - weights - PAGE_CACHE_MARGIN)
+    avail = _proc_kib("/proc/meminfo", "MemAvailable")
+    return None if avail is None else max(0, avail - weights - PAGE_CACHE_MARGIN)
 
 
 def free_disk(folder: Path) -> int:

@@ -62,6 +62,11 @@ class PeerRecord:
         return d
 
 
+def valid_node_id(text: str) -> bool:
+    """Letters, digits, '-', '_' and '.' (ASCII), at least one."""
+    return bool(text) and all(c.isascii() and (c.isalnum() or c in "-_.") for c in text)
+
+
 def _text(props: dict, key: str, required: bool = True) -> str | None:
     raw = props.get(key.encode(), props.get(key))
     if raw is None:
@@ -92,7 +97,7 @@ def _int(props: dict, key: str, required: bool = True) -> int | None:
 def decode(props: dict, addresses: tuple[str, ...] = (), port: int = 0) -> PeerRecord:
     """TXT properties (bytes or str keys/values) -> PeerRecord; RecordError names what is wrong."""
     node_id = _text(props, "id")
-    if not all(c.isalnum() or c in "-_." for c in node_id):
+    if not valid_node_id(node_id):
         raise RecordError(f"'id' has characters outside [A-Za-z0-9-_.]: {node_id!r}")
     mesh = _text(props, "mesh")
     if len(mesh) != 16 or any(c not in "0123456789abcdef" for c in mesh):
@@ -111,5 +116,10 @@ def decode(props: dict, addresses: tuple[str, ...] = (), port: int = 0) -> PeerR
 
 
 def elect(records) -> PeerRecord | None:
-    """The hub among records: highest score, ties to the smallest node id (what the plan's election does)."""
-    return min(records, key=lambda r: (-r.score, r.node_id), default=None)
+    """The hub among records: the plan's own election (highest score, ties to the smallest node id)."""
+    from ..cluster.plan import DeviceSpec, elect_hub
+
+    records = list(records)
+    if not records:
+        return None
+    return records[elect_hub([DeviceSpec(r.node_id, r.score) for r in records])]

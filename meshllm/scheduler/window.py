@@ -67,12 +67,14 @@ class Window:
     peak_bytes: int = field(init=False, default=0)
     cursor: int = field(init=False, default=0)  # the block computed next
     pinned: frozenset[int] = field(init=False)  # blocks kept once read (only when not everything fits)
+    _fits: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.state = [ABSENT] * len(self.sizes)
         if self.budget is not None and self.budget < minimum_budget(self.sizes):
             raise BudgetError(f"budget of {self.budget} bytes cannot hold the largest block "
                               f"({minimum_budget(self.sizes)} bytes)")
+        self._fits = self.budget is None or sum(self.sizes) <= self.budget  # sizes and budget never change
         self.pinned = choose_pinned(self.sizes, self.budget)
 
     def streamed(self, i: int) -> bool:
@@ -92,7 +94,7 @@ class Window:
     @property
     def fits(self) -> bool:
         """Everything fits: load once, never release."""
-        return self.budget is None or sum(self.sizes) <= self.budget
+        return self._fits
 
     def loads(self) -> list[int]:
         """Blocks to start loading now (marked loading), in compute order from the cursor."""
