@@ -17,7 +17,7 @@ import torch
 from ..model.config import ModelConfig
 from ..model.layers import AttnBlock, MlpBlock, kv_index_for
 from ..model.shard import Shard
-from ..scheduler.slices import SliceCache, advise_willneed, drop_cached_pages, read_block
+from ..scheduler.slices import SliceCache, drop_cached_pages, read_block
 from ..scheduler.window import Window
 
 
@@ -85,8 +85,6 @@ class BlockStore:
     def _read(self, i: int):
         t0 = time.perf_counter()
         # blocks that stay for good are copied in; streamed ones are mapped, so releasing them returns the pages
-        if i in self.uncached:
-            advise_willneed(self.cache.path(i))  # from disk: let the kernel read the whole file in large requests
         tensors, n = read_block(self.cache.path(i), self.read_rate, mapped=self.window.streamed(i))
         if not self.window.fits and i in self.window.pinned:
             drop_cached_pages(self.cache.path(i))  # copied in for good: its file pages would only take room

@@ -3,25 +3,27 @@
 Folder: <cache>/slices/<model hash>/<dtype>-q<a>_<b>-m<c>_<d>-b<0|1>/ with block files `L007.attn.safetensors`,
 `L007.mlp.safetensors` and a `manifest.json` (size and SHA-256 of each) written last. Every file is written to a
 temporary name, flushed to disk and renamed, so a crash never leaves a file under its final name; a file whose
-size or checksum is wrong is deleted and fetched again, never used. Files are read with plain reads (no mmap), so
-a released block leaves no resident pages behind.
+size or checksum is wrong is deleted and fetched again, never used. Blocks that stay are read into private memory;
+blocks streamed per token are mapped, so a released block leaves no resident pages behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
 import mmap
 import os
-import warnings
 import shutil
 import struct
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import MeshError
@@ -98,12 +100,42 @@ def read_block(path: Path, rate: float | None = None, *, mapped: bool = False) -
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python 3.11 lacks the name
 
 
+def _libc_madvise():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # not a libc we can load: fall back to mmap.madvise
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_MADVISE = _libc_madvise()
+
+
+def _madvise(buf: mmap.mmap, advice: int) -> None:
+    """madvise over a whole mapping with the GIL released.
+
+    mmap.madvise holds the GIL for the length of the call, and MADV_POPULATE_READ of a block coming from disk takes
+    tens of milliseconds: the event loop and the compute thread's Python side would stop for that long. A ctypes
+    call releases the GIL.
+    """
+    if _MADVISE is None:
+        buf.madvise(advice)
+        return
+    view = np.frombuffer(buf, dtype=np.uint8)  # read-only view: only to learn the address
+    addr, size = view.ctypes.data, view.size
+    del view
+    if _MADVISE(addr, size, advice) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def _map_huge(fd: int, size: int) -> mmap.mmap:
     """Map a file read-only, asking for huge pages where the kernel has them (a no-op elsewhere)."""
     buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
+            buf.madvise(mmap.MADV_HUGEPAGE)  # instant: only sets a flag on the mapping
         except OSError:
             pass
     return buf
@@ -119,7 +151,7 @@ def _map_populated(fd: int, size: int) -> mmap.mmap:
     """
     buf = _map_huge(fd, size)
     try:
-        buf.madvise(MADV_POPULATE_READ)
+        _madvise(buf, MADV_POPULATE_READ)
     except OSError:  # a kernel before 5.14: map again, populated at mmap time
         buf.close()
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
@@ -143,11 +175,6 @@ def _advise(path: Path, advice: int) -> None:
 def drop_cached_pages(path: Path) -> None:
     """Ask the kernel to drop a file's clean pages from the page cache (blocking: the I/O executor)."""
     _advise(path, os.POSIX_FADV_DONTNEED)
-
-
-def advise_willneed(path: Path) -> None:
-    """Ask the kernel to start reading a whole file into the page cache now, asynchronously."""
-    _advise(path, os.POSIX_FADV_WILLNEED)
 
 
 def sha256_file(path: Path) -> str:
