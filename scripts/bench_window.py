@@ -119,6 +119,15 @@ def accelerate_child(model: str, budget: int, tokens: int) -> None:
                           "peak_rss_bytes": peak_rss_bytes()}))
 
 
+def runtime_rss() -> int:
+    """Peak RSS of a fresh process that has imported the device runtime (torch and all) and nothing else: the part of
+    a device's RSS that no budget can remove."""
+    code = ("import meshllm.runtime.device\n"
+            "from meshllm.runtime.originator import peak_rss_bytes\nprint(peak_rss_bytes())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
 def run_accelerate(model: Path, budget: int, tokens: int, prefix: list[str] | None = None) -> dict:
     out = subprocess.run([*(prefix or []), sys.executable, __file__, "--_accelerate", str(model), str(budget),
                           str(tokens)], capture_output=True, text=True, timeout=3600)
@@ -145,9 +154,12 @@ async def main_async(args) -> dict:
         r = await run_mesh(model, 2, int(share * f), tokens, cache)
         r["fraction"] = f
         rows.append(r)
+    runtime = runtime_rss()
     for r in rows:
         r["rss_vs_unbudgeted"] = max(r["peak_rss_bytes"]) / max(full["peak_rss_bytes"])
         r["token_vs_unbudgeted"] = r["token_s"] / full["token_s"]
+        # the lowest peak RSS any scheduler could reach under this budget: the runtime plus the budget's weights
+        r["rss_floor_vs_unbudgeted"] = (runtime + min(share, r["budget_bytes"] or share)) / max(full["peak_rss_bytes"])
         print(f"   {r['fraction']:>6.1%}: {r['token_s']*1e3:7.1f} ms/token, peak RSS "
               f"{max(r['peak_rss_bytes'])/2**20:6.0f} MiB ({r['rss_vs_unbudgeted']:.0%}), disk "
               f"{max(r['disk_bytes_per_token'])/2**20:6.0f} MiB/token", file=sys.stderr)
@@ -162,7 +174,8 @@ async def main_async(args) -> dict:
           f"sum {slow['sum_s']:.2f} s", file=sys.stderr)
 
     if args.no_baseline:
-        return {"model": args.shape, "budgets": rows, "slow_disk": slow, "share_bytes": share}
+        return {"model": args.shape, "budgets": rows, "slow_disk": slow, "share_bytes": share,
+                "runtime_rss_bytes": runtime}
     print("== Accelerate disk offload vs meshllm at the same budget", file=sys.stderr)
     budget = int(sum(full["share_bytes"]) * 0.25)  # a quarter of the whole model, per device
     base_tokens = 3 if args.quick else 4
@@ -170,6 +183,7 @@ async def main_async(args) -> dict:
     n1 = await run_mesh(model, 1, budget, base_tokens, cache)
     n2 = await run_mesh(model, 2, budget, base_tokens, cache)
     baseline = {"budget_bytes": budget, "tokens": base_tokens, "accelerate": acc,
+                "meshllm_N2_unbudgeted_token_s": full["token_s"],  # nothing read per token: no budget is faster
                 "meshllm_N1": {k: n1[k] for k in ("ttft_s", "token_s", "peak_rss_bytes")},
                 "meshllm_N2": {k: n2[k] for k in ("ttft_s", "token_s", "peak_rss_bytes")}}
     if "token_s" in acc:
@@ -177,15 +191,15 @@ async def main_async(args) -> dict:
             baseline[f"ttft_reduction_{key}"] = 1 - r["ttft_s"] / acc["ttft_s"]
             baseline[f"token_reduction_{key}"] = 1 - r["token_s"] / acc["token_s"]
     print(f"   {json.dumps(baseline)[:400]}", file=sys.stderr)
-    capped = await capped_baseline(model, budget, base_tokens, cache)
+    capped = await capped_baseline(model, budget, base_tokens, cache, runtime)
     return {"model": args.shape, "budgets": rows, "slow_disk": slow, "accelerate_baseline": baseline,
-            "capped_baseline": capped, "share_bytes": share}
+            "capped_baseline": capped, "share_bytes": share, "runtime_rss_bytes": runtime}
 
 
 CAP_SLACK = 512 * 2**20  # memory each capped process gets beyond the weight budget: runtime, activations, cache
 
 
-async def capped_baseline(model: Path, budget: int, tokens: int, cache: Path) -> dict:
+async def capped_baseline(model: Path, budget: int, tokens: int, cache: Path, runtime: int) -> dict:
     """The same comparison on devices that really have only budget + CAP_SLACK of memory: each process (the
     Accelerate one, each meshllm device) in a cgroup v1 memory group of that size. Page cache is charged to the
     group, so weights that do not fit are read from disk again, as on a small device, instead of from a page cache
@@ -215,6 +229,12 @@ async def capped_baseline(model: Path, budget: int, tokens: int, cache: Path) ->
         finally:
             for c in caps:
                 c.__exit__(None, None, None)
+        # what any scheduler must read per token under this cap: the share less what the cap leaves beside the
+        # runtime; at the read rate this run reached, that takes read_floor_s (an estimate from measured numbers)
+        must_read = max(0, max(r["share_bytes"]) - (limit - runtime))
+        rate = max(r["storage_bytes_per_token"]) / max(max(r["read_s_per_token"]), 1e-9)
+        r.update(must_read_bytes_per_token=must_read, read_rate_bytes_s=rate,
+                 read_floor_s=must_read / rate if rate else None)
         out[f"meshllm_N{n}"] = r
         if "token_s" in out["accelerate"]:
             out[f"ttft_reduction_N{n}"] = 1 - r["ttft_s"] / out["accelerate"]["ttft_s"]
@@ -225,14 +245,18 @@ async def capped_baseline(model: Path, budget: int, tokens: int, cache: Path) ->
 
 def print_tables(out: dict) -> None:
     print(f"\nN=2, {out['model']} bf16, per device (max over devices)")
-    print(f"{'budget':>8}{'ms/token':>10}{'TTFT ms':>9}{'peak RSS MiB':>14}{'vs full':>9}{'resident MiB':>14}"
-          f"{'disk MiB/tok':>14}{'storage MiB/tok':>17}{'stall ms':>10}")
+    print(f"{'budget':>8}{'ms/token':>10}{'TTFT ms':>9}{'peak RSS MiB':>14}{'vs full':>9}{'floor':>7}"
+          f"{'resident MiB':>14}{'disk MiB/tok':>14}{'storage MiB/tok':>17}{'stall ms':>10}")
     for r in out["budgets"]:
         print(f"{r['fraction']:>8.1%}{r['token_s']*1e3:>10.1f}{r['ttft_s']*1e3:>9.0f}"
               f"{max(r['peak_rss_bytes'])/2**20:>14.0f}{r['rss_vs_unbudgeted']:>9.0%}"
+              f"{r.get('rss_floor_vs_unbudgeted', float('nan')):>7.0%}"
               f"{max(r['resident_weight_bytes'])/2**20:>14.0f}{max(r['disk_bytes_per_token'])/2**20:>14.0f}"
               f"{max(r.get('storage_bytes_per_token', [0]))/2**20:>17.0f}"
               f"{max(r['stall_s_per_token'])*1e3:>10.1f}")
+    if "runtime_rss_bytes" in out:
+        print(f"floor: the peak RSS of a process that only imported the device runtime "
+              f"({out['runtime_rss_bytes'] / 2**20:.0f} MiB) plus the budget, as a share of the unbudgeted peak")
     s = out["slow_disk"]
     print(f"\n25% budget, reads at 200 MB/s: {s['token_s']:.2f} s/token; ideal max(compute, disk) "
           f"{s['ideal_max_s']:.2f} s; compute + disk {s['sum_s']:.2f} s")
@@ -241,6 +265,9 @@ def print_tables(out: dict) -> None:
     b = out["accelerate_baseline"]
     print_comparison(b, f"\nbudget {b['budget_bytes']/2**20:.0f} MiB per device, {b['tokens']} tokens",
                      lambda r: f"peak RSS {max(r['peak_rss_bytes']) / 2**20:.0f} MiB per device")
+    if "meshllm_N2_unbudgeted_token_s" in b:
+        print(f"{'meshllm N2, no budget':<28}{'':>9}{b['meshllm_N2_unbudgeted_token_s']:>9.2f}"
+              f"   (every weight resident, nothing read: no budget can be faster)")
 
 
 def print_comparison(b: dict, title: str, detail) -> None:
@@ -268,7 +295,10 @@ def print_capped(c: dict) -> None:
                         f"{c['budget_bytes'] / 2**20:.0f} MiB + {CAP_SLACK / 2**20:.0f} MiB), page cache included, "
                         f"{c['tokens']} tokens",
                      lambda r: f"blocks {max(r['disk_bytes_per_token']) / 2**20:.0f} MiB/token per device, "
-                               f"{max(r['storage_bytes_per_token']) / 2**20:.0f} MiB of it from storage")
+                               f"{max(r['storage_bytes_per_token']) / 2**20:.0f} MiB of it from storage at "
+                               f"{r['read_rate_bytes_s'] / 1e9:.1f} GB/s; at least "
+                               f"{r['must_read_bytes_per_token'] / 2**20:.0f} MiB must be, taking "
+                               f"{r['read_floor_s']:.2f} s")
 
 
 def main() -> None:

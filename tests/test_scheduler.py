@@ -203,3 +203,46 @@ async def test_a_request_cut_short_under_a_budget_leaves_the_window_usable(make_
                 await stream.aclose()  # the request is aborted on every device
                 result = await mesh.generate(PROMPT, PARAMS, chat=False)
                 assert result.token_ids == expected
+
+
+def test_a_block_read_from_storage_leaves_other_threads_running(tmp_path):
+    """Mapping a streamed block faults the whole file in (MADV_POPULATE_READ); the GIL must be free meanwhile, or
+    the device's event loop and its compute thread stop for the length of every read from storage."""
+    import threading
+
+    from meshllm.scheduler.slices import _map_populated, drop_cached_pages
+
+    path = tmp_path / "block.bin"
+    with open(path, "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(256):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    drop_cached_pages(path)
+    took = []
+
+    def read():
+        t0 = time.perf_counter()
+        with open(path, "rb") as f:
+            _map_populated(f.fileno(), os.fstat(f.fileno()).st_size).close()
+        took.append(time.perf_counter() - t0)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    try:
+        reader = threading.Thread(target=read)
+        last = time.perf_counter()
+        reader.start()
+        longest = 0.0
+        while reader.is_alive():
+            now = time.perf_counter()
+            longest, last = max(longest, now - last), now
+        reader.join()
+    finally:
+        sys.setswitchinterval(interval)
+    if took[0] < 0.03:
+        pytest.skip(f"the 256 MiB file came back in {took[0] * 1e3:.0f} ms: not a read from storage here "
+                    "(page cache not dropped), so there is nothing to observe")
+    assert longest < took[0] / 2, (f"this thread stood still for {longest * 1e3:.0f} ms of a "
+                                   f"{took[0] * 1e3:.0f} ms read")
