@@ -16,12 +16,13 @@ from meshllm.discovery.records import SERVICE_TYPE, PeerRecord, RecordError, dec
 from meshllm.discovery.status import survey
 from meshllm.errors import MeshTimeoutError
 from meshllm.runtime.local import LocalEngine
+from meshllm.wire.frames import PROTOCOL_VERSION
 
 PROMPT = "the quick brown fox"
 
 
 def _record(**kw) -> PeerRecord:
-    base = dict(node_id="dev-a", version=1, mesh=mesh_id(b"s" * 24), score=12.5, cores=4, memory_bytes=8 << 30,
+    base = dict(node_id="dev-a", version=PROTOCOL_VERSION, mesh=mesh_id(b"s" * 24), score=12.5, cores=4, memory_bytes=8 << 30,
                 disk_bytes=100 << 30, budget_bytes=None, addresses=("10.0.0.2",), port=7340)
     return PeerRecord(**{**base, **kw})
 

@@ -21,11 +21,11 @@ from meshllm.errors import (
     VersionMismatchError,
 )
 from meshllm.generation.sampling import SamplingParams
-from meshllm.net.link import Link, connect
+from meshllm.net.link import Link, Timeouts, connect
 from meshllm.runtime.launcher import LocalCluster
 from meshllm.runtime.mesh import MeshEngine, local_secret
 from meshllm.wire.connection import Connection
-from meshllm.wire.frames import HEADER, encode_frame
+from meshllm.wire.frames import HEADER, PROTOCOL_VERSION, encode_frame
 
 PROMPT = "the quick brown fox"
 
@@ -70,7 +70,7 @@ async def test_protocol_version_mismatch_is_refused_on_both_sides(make_model, tm
         loop = asyncio.get_running_loop()
         conn = Connection(secret, "future-peer", os.urandom(32), initiator=True, version=99)
         _, link = await loop.create_connection(lambda: Link(conn), host, int(port))
-        with pytest.raises(VersionMismatchError, match=r"version 99, the peer version 1"):
+        with pytest.raises(VersionMismatchError, match=rf"version 99, the peer version {PROTOCOL_VERSION}"):
             await asyncio.wait_for(link.ready, 5)
         await wait_for_log(tmp_path, 0, "protocol version mismatch")
         await generate_ok(folder, addresses, secret)
@@ -211,3 +211,37 @@ async def test_device_keeps_serving_its_sockets_while_it_computes(make_model, tm
             await asyncio.wait_for(pong, 5)
             prober.close()
         assert events == ["pong", "prefill done"]
+
+
+async def test_a_hung_device_is_found_by_its_silence_and_idle_links_stay_open(make_model, tmp_path):
+    """A device that stops answering without closing its sockets (a hang, a closed laptop lid, a cable pulled with
+    no FIN) is found within Timeouts.silence, mid-request, and named: not after the 120 s step timeout. Links with
+    nothing to carry stay open meanwhile, kept alive by beats."""
+    folder = make_model("gqa_long", **{**VARIANTS["gqa_tied"], "max_position_embeddings": 65536})
+    secret = local_secret()
+    timeouts = Timeouts(silence=5.0)
+    async with LocalCluster(2, secret, log_dir=tmp_path) as addresses:
+        async with MeshEngine(folder, addresses, secret, timeouts=timeouts) as mesh:
+            first = await mesh.generate(PROMPT, SamplingParams(max_tokens=4, ignore_eos=True), chat=False)
+            await asyncio.sleep(timeouts.silence + 2)  # idle for longer than the silence allowed
+            assert all(m.link.is_open for m in mesh.members)
+            again = await mesh.generate(PROMPT, SamplingParams(max_tokens=4, ignore_eos=True), chat=False)
+            assert again.token_ids == first.token_ids
+
+            victim = mesh.members[1]
+            pid = _pid_listening_on(victim.address)
+            pieces, t_stop = 0, None
+            try:
+                with pytest.raises(LinkError) as info:
+                    async for _ in mesh.stream(PROMPT, SamplingParams(max_tokens=60_000, ignore_eos=True),
+                                               chat=False):
+                        pieces += 1
+                        if pieces == 3:
+                            os.kill(pid, signal.SIGSTOP)
+                            t_stop = time.monotonic()
+                elapsed = time.monotonic() - t_stop
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert elapsed < timeouts.silence + 3, f"took {elapsed:.1f} s to notice"
+            assert isinstance(info.value, DeviceLostError), repr(info.value)
+            assert "no word from" in str(info.value) and victim.address.rsplit(":", 1)[0] in str(info.value)

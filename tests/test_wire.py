@@ -326,7 +326,7 @@ def test_wrong_secret_refused_on_both_sides():
 
 
 def test_version_mismatch_refused_on_both_sides():
-    a, b = pair(version=2)
+    a, b = pair(version=PROTOCOL_VERSION + 1)
     a.start()
     b.start()
     with pytest.raises(VersionMismatchError) as eb:
@@ -334,15 +334,16 @@ def test_version_mismatch_refused_on_both_sides():
     b_out = b.data_to_send()
     with pytest.raises(VersionMismatchError) as ea:
         a.receive_data(b_out)
-    assert "this device speaks version 1, the peer version 2" in str(eb.value)
-    assert "this device speaks version 2, the peer version 1" in str(ea.value)
+    assert f"this device speaks version {PROTOCOL_VERSION}, the peer version {PROTOCOL_VERSION + 1}" in str(eb.value)
+    assert f"this device speaks version {PROTOCOL_VERSION + 1}, the peer version {PROTOCOL_VERSION}" in str(ea.value)
     assert "same meshllm release" in str(ea.value)
     assert a.state == b.state == "closed"
 
     hello, error = frames_in(b_out)
-    assert hello["version"] == 1
-    assert error["code"] == "version" and "version 1, the peer version 2" in error["reason"]
-    a2 = Connection(SECRET, "alpha", NONCE_A, initiator=True, version=2)
+    assert hello["version"] == PROTOCOL_VERSION
+    assert error["code"] == "version" and \
+        f"version {PROTOCOL_VERSION}, the peer version {PROTOCOL_VERSION + 1}" in error["reason"]
+    a2 = Connection(SECRET, "alpha", NONCE_A, initiator=True, version=PROTOCOL_VERSION + 1)
     a2.start()
     with pytest.raises(VersionMismatchError, match="refused by the peer: protocol version mismatch"):
         a2.receive_data(encode_frame(error))
@@ -374,7 +375,7 @@ def test_peer_app_message_during_handshake_refused():
 @pytest.mark.parametrize("kind", ["hello", "auth"])
 def test_handshake_message_after_ready_refused(kind):
     a, b = ready_pair()
-    extra = {"t": "hello", "version": 1, "node": "beta", "nonce": NONCE_B} if kind == "hello" else \
+    extra = {"t": "hello", "version": PROTOCOL_VERSION, "node": "beta", "nonce": NONCE_B} if kind == "hello" else \
         {"t": "auth", "mac": b"\x00" * 32}
     with pytest.raises(ProtocolError, match=f"sent {kind!r} after the handshake"):
         a.receive_data(encode_frame(extra))
@@ -384,7 +385,7 @@ def test_handshake_message_after_ready_refused(kind):
 def test_second_hello_refused():
     a, _ = pair()
     a.start()
-    hello = encode_frame({"t": "hello", "version": 1, "node": "beta", "nonce": NONCE_B})
+    hello = encode_frame({"t": "hello", "version": PROTOCOL_VERSION, "node": "beta", "nonce": NONCE_B})
     a.receive_data(hello)
     with pytest.raises(ProtocolError, match="'hello' during the handshake"):
         a.receive_data(hello)
@@ -395,7 +396,7 @@ def test_malformed_hello_refused(bad):
     a, _ = pair()
     a.start()
     with pytest.raises(ProtocolError, match="malformed hello"):
-        a.receive_data(encode_frame({"t": "hello", "version": 1, "node": "beta", "nonce": NONCE_B, **bad}))
+        a.receive_data(encode_frame({"t": "hello", "version": PROTOCOL_VERSION, "node": "beta", "nonce": NONCE_B, **bad}))
 
 
 def test_replayed_auth_from_another_session_refused():
@@ -439,9 +440,9 @@ def _reflect_across_sessions(victim_id: str, id1: str, nonce1_of, id2: str, nonc
     n_listen = frames_in(listening.data_to_send())[0]["nonce"]
     n_dial = frames_in(dialing.data_to_send())[0]["nonce"]
     try:
-        listening.receive_data(encode_frame({"t": "hello", "version": 1, "node": id1, "nonce": nonce1_of(n_dial)}))
+        listening.receive_data(encode_frame({"t": "hello", "version": PROTOCOL_VERSION, "node": id1, "nonce": nonce1_of(n_dial)}))
         listening.data_to_send()
-        dialing.receive_data(encode_frame({"t": "hello", "version": 1, "node": id2, "nonce": nonce2_of(n_listen)}))
+        dialing.receive_data(encode_frame({"t": "hello", "version": PROTOCOL_VERSION, "node": id2, "nonce": nonce2_of(n_listen)}))
         (proof,) = frames_in(dialing.data_to_send())
         listening.receive_data(encode_frame(proof))
     except LinkError:

@@ -58,7 +58,7 @@ class StarGroup:
         await asyncio.wait_for(self._attached, timeout)
 
     def _accept(self) -> Link:
-        link = Link(new_connection(self.secret, "star-0", initiator=False), self._on_message)
+        link = Link(new_connection(self.secret, "star-0", initiator=False), self._on_message, timeouts=self.timeouts)
         self.links.append(link)
         return link
 

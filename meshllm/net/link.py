@@ -3,6 +3,10 @@
 Flow control: the kernel socket plus a bounded transport write buffer (a peer that leaves WRITE_LIMIT bytes
 unread is cut off); inbound, a message is handed to the owner's callback as soon as its frame completes, and the owner keeps
 every queue it fills bounded. TCP_NODELAY, because every frame on the data path is latency-bound.
+
+Liveness: once authenticated, a link sends a `beat` frame whenever it has sent nothing for a while, and closes when
+its peer has sent nothing at all for `Timeouts.silence` seconds. A peer that hangs, sleeps or is cut off without a
+FIN is then found in seconds, on idle links too, instead of at the next step's timeout.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class Timeouts:
     step: float = 120.0  # one forward step end to end, as seen by the originator
     allreduce: float = 60.0  # one round, as seen by a worker or the hub
     close: float = 2.0
+    beat: float = 2.0  # an authenticated link with nothing else to send sends a beat this often
+    silence: float = 10.0  # nothing at all from the peer for this long: it is gone (must exceed 1.5 x its beat)
 
 
 WRITE_LIMIT = 256 * 2**20  # a peer this far behind is not reading: the link is closed
@@ -40,16 +46,20 @@ class Link(asyncio.Protocol):
     """One authenticated link. `on_message(link, msg)` runs on the loop for each message; keep it quick."""
 
     def __init__(self, conn: Connection, on_message: Callable[["Link", dict[str, Any]], None] | None = None,
-                 on_close: Callable[["Link", BaseException | None], None] | None = None) -> None:
+                 on_close: Callable[["Link", BaseException | None], None] | None = None,
+                 timeouts: Timeouts = Timeouts()) -> None:
         self.conn = conn
         self.on_message = on_message
         self.on_close = on_close
+        self.timeouts = timeouts
         self.transport: asyncio.Transport | None = None
         self.address = ""
         self.error: BaseException | None = None
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
+        self._last_in = self._last_out = loop.time()
+        self._beat_timer: asyncio.TimerHandle | None = None
 
     # -- identity ---------------------------------------------------------------------------------------
 
@@ -75,6 +85,7 @@ class Link(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        self._last_in = asyncio.get_running_loop().time()
         was_ready = self.conn.state == "ready"
         try:
             messages = self.conn.receive_data(data)
@@ -85,9 +96,12 @@ class Link(asyncio.Protocol):
         self._flush()
         if not was_ready and self.conn.state == "ready" and not self.ready.done():
             self.ready.set_result(None)
+            self._beat_timer = asyncio.get_running_loop().call_later(self.timeouts.beat / 2, self._beat)
         for msg in messages:
             if self.closed.done():
                 return
+            if msg["t"] == "beat":
+                continue  # its arrival was the point
             if self.on_message is not None:
                 try:
                     self.on_message(self, msg)
@@ -127,6 +141,23 @@ class Link(asyncio.Protocol):
             self._fail(err)
             raise err
         self.transport.write(frame)
+        self._last_out = asyncio.get_running_loop().time()
+
+    def _beat(self) -> None:
+        """Every half beat: close the link if the peer has been silent too long; send a beat if we have been."""
+        if self.closed.done():
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._last_in > self.timeouts.silence:
+            self._fail(DeviceLostError(f"no word from {self.peer} for {self.timeouts.silence:g} s: it hangs, "
+                                       f"sleeps or is cut off"))
+            return
+        if now - self._last_out >= self.timeouts.beat / 2:
+            try:
+                self.send({"t": "beat"})
+            except LinkError:
+                return  # closed by the write limit: already failed
+        self._beat_timer = asyncio.get_running_loop().call_later(self.timeouts.beat / 2, self._beat)
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
@@ -153,6 +184,8 @@ class Link(asyncio.Protocol):
 
     def _finish(self, error: BaseException) -> None:
         self.error = self.error or error
+        if self._beat_timer is not None:
+            self._beat_timer.cancel()
         if not self.ready.done():
             self.ready.set_exception(self.error)
             self.ready.exception()  # retrieved: nobody may be waiting on it
@@ -175,7 +208,7 @@ async def connect(host: str, port: int, secret: bytes, node_id: str, *, timeouts
     conn = new_connection(secret, node_id, initiator=True, info=info, max_frame=max_frame)
     try:
         _, link = await asyncio.wait_for(
-            loop.create_connection(lambda: Link(conn, on_message, on_close), host, port), timeouts.connect)
+            loop.create_connection(lambda: Link(conn, on_message, on_close, timeouts), host, port), timeouts.connect)
     except TimeoutError as e:
         raise MeshTimeoutError(f"connecting to {host}:{port} timed out after {timeouts.connect} s") from e
     except OSError as e:

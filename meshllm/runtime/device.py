@@ -157,7 +157,7 @@ class Device:
 
     def _accept(self) -> Link:
         conn = new_connection(self.secret, self.node_id, initiator=False, info=self.info, max_frame=self.max_frame)
-        link = Link(conn, self._on_message, self._on_close)
+        link = Link(conn, self._on_message, self._on_close, self.timeouts)
         self.links.add(link)
         asyncio.get_running_loop().call_later(self.timeouts.handshake, self._handshake_deadline, link)
         return link

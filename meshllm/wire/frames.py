@@ -13,7 +13,7 @@ import msgpack
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: beat frames (link liveness)
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 2**20
 
@@ -39,6 +39,7 @@ MESSAGE_TYPES: dict[str, tuple[str, ...]] = {
     "stats_reply": ("session", "stats"),
     "ping": ("nonce",),
     "pong": ("nonce",),
+    "beat": (),  # link liveness: sent by a side with nothing else to send (consumed by the link)
     # data path
     "step": ("session", "req", "step", "start", "x"),
     "part": ("req", "step", "layer", "phase", "rank", "x"),
