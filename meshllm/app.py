@@ -117,10 +117,8 @@ class Mesh:
         await self.aclose()
 
     async def aclose(self) -> None:
-        engine, self._engine = self._engine, None
         try:
-            if engine is not None:
-                await engine.__aexit__(None, None, None)
+            await self._drop_engine()
         finally:
             if self._stack is not None:
                 stack, self._stack = self._stack, None
@@ -214,7 +212,7 @@ class Mesh:
             await engine.__aexit__(None, None, None)
 
     def _hub_name(self) -> str | None:
-        plan = getattr(self._engine, "plan", None)
+        plan = self.plan
         if plan is None:
             return None
         return plan.devices[plan.hub].name

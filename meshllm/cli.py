@@ -175,12 +175,13 @@ async def _cmd_generate(args: argparse.Namespace) -> int:
     model = args.model or await loop.run_in_executor(None, default_model_path)
     log.info("loading %s", model)
     async with contextlib.AsyncExitStack() as stack:
-        engine = await stack.enter_async_context(await _engine(args, model, stack))
+        engine = await _engine(args, model, stack)
         await _run_generate(args, engine, prompt, params, model)
     return 0
 
 
 async def _engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitStack):
+    """The engine `generate` runs on, entered on `stack` (with the devices it needs)."""
     from .runtime.device import secret_bytes
     from .runtime.launcher import LocalCluster
     from .runtime.local import LocalEngine
@@ -197,12 +198,14 @@ async def _engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitSt
         addresses = await stack.enter_async_context(
             LocalCluster(args.local_devices, secret, threads=args.threads, pin=args.pin, verbose=args.verbose > 0,
                          memory_budget=args.memory_budget, read_rate=args.read_rate))
-        return MeshEngine(model, addresses, secret, dtype=args.dtype, weights=weights, threads=args.threads,
-                          memory_budget=args.memory_budget)
+        return await stack.enter_async_context(
+            MeshEngine(model, addresses, secret, dtype=args.dtype, weights=weights, threads=args.threads,
+                       memory_budget=args.memory_budget))
     if args.devices:
         addresses = [a for a in args.devices.split(",") if a.strip()]
-        return MeshEngine(model, addresses, secret_bytes(args.secret), dtype=args.dtype, weights=weights,
-                          threads=args.threads, memory_budget=args.memory_budget)
+        return await stack.enter_async_context(
+            MeshEngine(model, addresses, secret_bytes(args.secret), dtype=args.dtype, weights=weights,
+                       threads=args.threads, memory_budget=args.memory_budget))
     secret = args.secret or os.environ.get("MESHLLM_SECRET")
     if secret:  # no addresses given: find the devices of this mesh on the LAN
         from .app import Mesh
@@ -211,11 +214,11 @@ async def _engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitSt
                                                     timeout=args.discover_timeout, interface=args.interface,
                                                     dtype=args.dtype, threads=args.threads,
                                                     memory_budget=args.memory_budget))
-        return contextlib.nullcontext(mesh._engine)
+        return mesh._engine
     if args.memory_budget:
         raise MeshError("--memory-budget applies to mesh devices: add --local-devices N (N=1 works) or --devices")
     log.info("no --devices, --local-devices or mesh secret: running on this device alone")
-    return LocalEngine(model, dtype=args.dtype, threads=args.threads)
+    return await stack.enter_async_context(LocalEngine(model, dtype=args.dtype, threads=args.threads))
 
 
 async def _run_generate(args, engine, prompt, params, model) -> None:
@@ -241,7 +244,6 @@ async def _run_generate(args, engine, prompt, params, model) -> None:
 
 
 async def _cmd_join(args: argparse.Namespace) -> int:
-    import os
     import signal
 
     from pathlib import Path
@@ -306,7 +308,6 @@ async def _cmd_join(args: argparse.Namespace) -> int:
 
 
 async def _cmd_status(args: argparse.Namespace) -> int:
-    import os
 
     from .discovery.status import print_survey, survey
 

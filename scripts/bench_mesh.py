@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import ROOT, measured_request  # noqa: E402 (sets the import path first)
+from benchlib import ROOT, measured_request, prompt_ids  # noqa: E402 (sets the import path first)
 
 SECRET = b"bench-mesh-secret"
 
@@ -179,8 +179,6 @@ def _models(args) -> list[tuple[str, Path, str | None]]:
 
 
 async def _decode_one(model: Path, dtype, n: int, *, pin: bool, reps: int, new_tokens: int) -> dict:
-    import torch
-
     from meshllm.runtime.launcher import LocalCluster
     from meshllm.runtime.mesh import MeshEngine, local_secret
 
@@ -189,8 +187,7 @@ async def _decode_one(model: Path, dtype, n: int, *, pin: bool, reps: int, new_t
     cpus = list(range(os.cpu_count())) if pin else None
     async with LocalCluster(n, secret, pin=pin, threads=threads, cpus=cpus) as addresses:
         async with MeshEngine(model, addresses, secret, dtype=dtype, threads=threads) as mesh:
-            g = torch.Generator().manual_seed(0)
-            ids = torch.randint(3, min(mesh.config.vocab_size, 30000), (32,), generator=g).tolist()
+            ids = prompt_ids(mesh.config.vocab_size, 32)
 
             def run(tokens: int):
                 return measured_request(mesh, ids, tokens, ("compute_s", "allreduce_wait_s", "framing_s", "reduce_s",

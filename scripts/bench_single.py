@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import ROOT  # noqa: E402 (sets the import path first)
+from benchlib import ROOT, prompt_ids  # noqa: E402 (sets the import path first)
 
 from meshllm.generation.sampling import Sampler, SamplingParams  # noqa: E402
 from meshllm.model.default import cache_dir, default_model_path  # noqa: E402
@@ -96,8 +96,7 @@ async def bench_model(name: str, path: Path, hf_kwargs: dict, dtype: str | None,
     async with LocalEngine(path, dtype=dtype) as engine:
         torch_dtype = engine.dtype
         hf = AutoModelForCausalLM.from_pretrained(**hf_kwargs, dtype=torch_dtype).eval()
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(3, min(engine.config.vocab_size, 30000), (args.prompt_tokens,), generator=g).tolist()
+        ids = prompt_ids(engine.config.vocab_size, args.prompt_tokens)
         ours, ref = [], []
         # warm-up (first-call allocations, oneDNN kernel selection) is not measured
         await run_ours(engine, ids, 4)

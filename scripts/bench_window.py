@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -27,16 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import ROOT, measured_request  # noqa: E402 (sets the import path first)
+from benchlib import ROOT, measured_request, prompt_ids  # noqa: E402 (sets the import path first)
 
 PROMPT_TOKENS = 16
-
-
-def prompt_ids(vocab: int) -> list[int]:
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(3, min(vocab, 30000), (PROMPT_TOKENS,), generator=g).tolist()
 
 
 def evict(folder: Path) -> None:
@@ -59,7 +53,7 @@ async def run_mesh(model: Path, n: int, budget: int | None, tokens: int, cache: 
     async with LocalCluster(n, secret, memory_budget=budget, cache_dir=cache, read_rate=read_rate,
                             prefixes=prefixes) as addresses:
         async with MeshEngine(model, addresses, secret, dtype="bfloat16") as mesh:
-            ids = prompt_ids(mesh.config.vocab_size)
+            ids = prompt_ids(mesh.config.vocab_size, PROMPT_TOKENS)
 
             def once(k: int):
                 return measured_request(mesh, ids, k, ("compute_s", "disk_read_total_bytes", "read_s", "stall_s",
@@ -106,7 +100,7 @@ def accelerate_child(model: str, budget: int, tokens: int) -> None:
                 self.t.append(time.perf_counter())
                 return scores
 
-        ids = torch.tensor([prompt_ids(m.config.vocab_size)])
+        ids = torch.tensor([prompt_ids(m.config.vocab_size, PROMPT_TOKENS)])
         gc = GenerationConfig(do_sample=False, max_new_tokens=tokens, eos_token_id=None, pad_token_id=0)
         stamp = Stamp()
         t0 = time.perf_counter()
@@ -219,16 +213,11 @@ async def capped_baseline(model: Path, budget: int, tokens: int, cache: Path, ru
         out["accelerate"] = run_accelerate(model, budget, tokens, cap.prefix())
         out["accelerate"]["cgroup_max_usage_bytes"] = cap.max_usage()
     for n in (1, 2):
-        caps = [Cap(f"dev{i}", memory_bytes=limit) for i in range(n)]
-        for c in caps:
-            c.__enter__()
-        try:
+        with contextlib.ExitStack() as stack:
+            caps = [stack.enter_context(Cap(f"dev{i}", memory_bytes=limit)) for i in range(n)]
             r = await run_mesh(model, n, budget, tokens, cache, prefixes=[c.prefix() for c in caps])
             r["cgroup_max_usage_bytes"] = [c.max_usage() for c in caps]
             r["originator_peak_rss_bytes"] = peak_rss_bytes()
-        finally:
-            for c in caps:
-                c.__exit__(None, None, None)
         # what any scheduler must read per token under this cap: the share less what the cap leaves beside the
         # runtime; at the read rate this run reached, that takes read_floor_s (an estimate from measured numbers)
         must_read = max(0, max(r["share_bytes"]) - (limit - runtime))

@@ -12,6 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def prompt_ids(vocab: int, n: int) -> list[int]:
+    """The benchmarks' prompt: n seeded random token ids (no special ids, within any vocabulary we use)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, min(vocab, 30000), (n,), generator=g).tolist()
+
+
 async def measured_request(mesh, ids: list[int], tokens: int, keys: tuple[str, ...]):
     """Run one greedy request of `tokens` on a MeshEngine; return (Result, per-device deltas of the stat `keys`)."""
     from meshllm.generation.loop import Result, generate

@@ -101,7 +101,7 @@ async def test_a_garbage_txt_record_on_the_lan_is_ignored_with_a_log_line(caplog
 
 @pytest.fixture
 def model(make_model):
-    return make_model("disc_gqa", **VARIANTS["gqa_tied"])
+    return make_model("gqa_tied", **VARIANTS["gqa_tied"])
 
 
 @pytest.fixture

@@ -67,7 +67,7 @@ async def test_status_lists_devices_meshes_hub_and_round_trips(tmp_path):
 async def test_generate_without_devices_discovers_the_mesh(make_model, tmp_path):
     from meshllm import SamplingParams
 
-    model = make_model("cli_disc", **VARIANTS["gqa_tied"])
+    model = make_model("gqa_tied", **VARIANTS["gqa_tied"])
     async with LocalEngine(model) as engine:
         ref = await engine.generate("the quick brown fox", SamplingParams(max_tokens=8, ignore_eos=True), chat=False)
     secret = "cli-" + tmp_path.name

@@ -3,7 +3,6 @@ corrupted files refetched, a full disk named, a budget too small refused up fron
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -13,11 +12,15 @@ from pathlib import Path
 import pytest
 
 from helpers.checkpoints import VARIANTS
+from meshllm.discovery.probe import proc_kib
 from meshllm.errors import PlanError, RemoteError
 from meshllm.generation.sampling import SamplingParams
-from meshllm.runtime.launcher import READY, LocalCluster
+from meshllm.runtime.launcher import LocalCluster
 from meshllm.runtime.local import LocalEngine
 from meshllm.runtime.mesh import MeshEngine, local_secret
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from cgroups import Cap, unusable  # noqa: E402
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
 PARAMS = SamplingParams(max_tokens=16, ignore_eos=True)
@@ -109,44 +112,8 @@ async def test_a_full_disk_is_named_and_leaves_no_partial_file(make_model, tmp_p
         subprocess.run(["umount", str(small)], capture_output=True)
 
 
-CGROUP = Path("/sys/fs/cgroup/memory")
-
-
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-def _cgroup_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create a memory cgroup"
-    if not (CGROUP / "memory.limit_in_bytes").exists():
-        return "cgroup v1 memory controller not mounted at /sys/fs/cgroup/memory"
-    return None
-
-
-async def _device_in_cgroup(limit: int, budget: int | None, cache: Path, secret: bytes, tag: str):
-    group = CGROUP / f"meshllm-test-{os.getpid()}-{tag}"
-    group.mkdir()
-    (group / "memory.limit_in_bytes").write_text(str(limit))
-    (group / "memory.swappiness").write_text("0") if (group / "memory.swappiness").exists() else None
-    cmd = [sys.executable, "-m", "meshllm", "join", "--host", "127.0.0.1", "--port", "0", "--name", f"capped-{tag}",
-           "--no-advertise", "--score", "1",  # a private device, like LocalCluster's (no mDNS, no probe)
-           "--threads", "1", "--cache-dir", str(cache)]
-    if budget:
-        cmd += ["--memory-budget", str(budget)]
-    script = f'echo $$ > {group}/cgroup.procs && exec "$@"'
-    proc = await asyncio.create_subprocess_exec("sh", "-c", script, "sh", *cmd, stdout=asyncio.subprocess.PIPE,
-                                                env={**os.environ, "MESHLLM_SECRET": secret.decode()})
-    line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-    assert line.startswith(READY), line
-    return proc, line.split()[-1], group
-
-
 async def test_a_device_in_a_memory_cgroup_below_its_share_completes(make_model, tmp_path):
-    reason = _cgroup_reason()
+    reason = unusable("memory")
     if reason:
         print(f"skipped: {reason}")
         pytest.skip(reason)
@@ -158,7 +125,7 @@ async def test_a_device_in_a_memory_cgroup_below_its_share_completes(make_model,
     # warm the slice cache (and measure an idle device's memory) without a cap
     cluster = LocalCluster(1, secret, cache_dir=cache, threads=1)
     async with cluster as addresses:
-        idle = _rss(cluster.procs[0].pid)
+        idle = proc_kib(f"/proc/{cluster.procs[0].pid}/status", "VmRSS")
         async with MeshEngine(folder, addresses, secret) as mesh:
             expected = (await mesh.generate(PROMPT, PARAMS, chat=False)).token_ids
             (dev,) = (await mesh.devices())[1:]
@@ -167,20 +134,17 @@ async def test_a_device_in_a_memory_cgroup_below_its_share_completes(make_model,
     budget = share // 4
     results = {}
     for tag, b in (("windowed", budget), ("unbudgeted", None)):
-        proc, address, group = await _device_in_cgroup(limit, b, cache, secret, tag)
-        try:
-            async with MeshEngine(folder, [address], secret) as mesh:
-                results[tag] = (await mesh.generate(PROMPT, PARAMS, chat=False)).token_ids
-        except Exception as e:  # the unbudgeted device is expected to be killed by the cgroup
-            results[tag] = e
-        finally:
-            if proc.returncode is None:
-                proc.terminate()
-            code = await asyncio.wait_for(proc.wait(), 10)
-            time.sleep(0.1)
-            group.rmdir()
+        with Cap(f"test-{tag}", memory_bytes=limit) as cap:
+            capped = LocalCluster(1, secret, threads=1, cache_dir=cache, memory_budget=b, prefixes=[cap.prefix()])
+            async with capped as addresses:
+                proc = capped.procs[0]
+                try:
+                    async with MeshEngine(folder, addresses, secret) as mesh:
+                        results[tag] = (await mesh.generate(PROMPT, PARAMS, chat=False)).token_ids
+                except Exception as e:  # the unbudgeted device is expected to be killed by the cgroup
+                    results[tag] = e
         if tag == "unbudgeted":
-            results["unbudgeted_exit"] = code
+            results["unbudgeted_exit"] = proc.returncode
     assert results["windowed"] == expected
     # the control: the same cap kills the device that holds its whole share
     assert isinstance(results["unbudgeted"], Exception) and results["unbudgeted_exit"] in (-9, 137)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"LAN testbed: {REASO
 async def test_four_namespaces_discover_generate_and_leave_nothing_behind(make_model, tmp_path):
     from meshllm import SamplingParams
 
-    model = make_model("testbed_gqa", **VARIANTS["gqa_tied"])
+    model = make_model("gqa_tied", **VARIANTS["gqa_tied"])
     async with LocalEngine(model) as engine:
         reference = await engine.generate("the quick brown fox", SamplingParams(max_tokens=10, ignore_eos=True),
                                           chat=False)

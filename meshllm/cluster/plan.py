@@ -14,8 +14,8 @@ from typing import Sequence
 from ..errors import PlanError
 from ..model.config import ModelConfig
 from ..model.shard import Shard
+from ..wire.frames import DTYPE_SIZES
 
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ FILE_SLACK = 16 * 1024  # a block file's safetensors header, with room to spare
 
 def block_bytes(config: ModelConfig, shard: Shard, dtype: str) -> tuple[int, int]:
     """Bytes of one layer's attention block and MLP block of a shard as files (the scheduler's unit)."""
-    b = BYTES.get(dtype, 4)
+    b = DTYPE_SIZES.get(dtype, 4)
     d, hd = config.hidden_size, config.head_dim
     kv0, kv1 = shard.kv_range(config)
     q, kv = shard.num_q * hd, (kv1 - kv0) * hd
@@ -98,7 +98,7 @@ def layer_bytes(config: ModelConfig, shard: Shard, dtype: str) -> int:
 
 def head_bytes(config: ModelConfig, dtype: str) -> int:
     """Bytes of the originator's embedding, final norm and LM head."""
-    b = BYTES.get(dtype, 4)
+    b = DTYPE_SIZES.get(dtype, 4)
     n = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
     return (n + config.hidden_size) * b
 

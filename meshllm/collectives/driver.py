@@ -75,6 +75,15 @@ class StarAllreduce:
         self.stats.rounds += 1
         return total
 
+    def attach(self, rank: Any, link) -> bool:
+        """Hub: take `link` as the link of worker `rank`; False (nothing taken) for a rank out of range, the hub's
+        own, or one already attached."""
+        if not self.is_hub or not isinstance(rank, int) or not 0 <= rank < self.world or rank == self.rank \
+                or rank in self.worker_links:
+            return False
+        self.worker_links[rank] = link
+        return True
+
     def on_part(self, link, msg: dict[str, Any]) -> None:
         """Hub: a worker's part arrived (raises ProtocolError for a part that breaks the rounds)."""
         key = _key(msg)

@@ -70,9 +70,8 @@ class StarGroup:
             self.reduce.on_sum(msg)
         elif kind == "attach" and self.rank == 0:
             rank = msg["rank"]
-            if not isinstance(rank, int) or not 0 < rank < self.world or rank in self.reduce.worker_links:
+            if not self.reduce.attach(rank, link):
                 raise ProtocolError(f"bad attach for rank {rank!r}")
-            self.reduce.worker_links[rank] = link
             link.send({"t": "attached", "session": "star"})
             if len(self.reduce.worker_links) == self.world - 1:
                 self._all_attached.set_result(None)

@@ -49,7 +49,7 @@ def _cgroup_memory_limit() -> int | None:
     return None
 
 
-def _proc_kib(path: str, key: str) -> int | None:
+def proc_kib(path: str, key: str) -> int | None:
     """A 'Key:   123 kB' line of a /proc file, in bytes."""
     try:
         for line in Path(path).read_text().splitlines():
@@ -62,7 +62,7 @@ def _proc_kib(path: str, key: str) -> int | None:
 
 def available_memory() -> int:
     """Bytes this device can still use: MemAvailable, or its cgroup limit when that is smaller."""
-    avail = _proc_kib("/proc/meminfo", "MemAvailable")
+    avail = proc_kib("/proc/meminfo", "MemAvailable")
     if avail is None:
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     limit = _cgroup_memory_limit()
@@ -77,8 +77,8 @@ def page_cache_room(weights: int) -> int | None:
     less this process's RSS and the weights; otherwise MemAvailable less the weights. None when unknown."""
     limit = _cgroup_memory_limit()
     if limit:
-        return max(0, limit - (_proc_kib("/proc/self/status", "VmRSS") or 0) - weights - PAGE_CACHE_MARGIN)
-    avail = _proc_kib("/proc/meminfo", "MemAvailable")
+        return max(0, limit - (proc_kib("/proc/self/status", "VmRSS") or 0) - weights - PAGE_CACHE_MARGIN)
+    avail = proc_kib("/proc/meminfo", "MemAvailable")
     return None if avail is None else max(0, avail - weights - PAGE_CACHE_MARGIN)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, MissingTensorError, ModelFileError, UnsupportedModelError
+from ..errors import ConfigError, MissingTensorError, UnsupportedModelError
 from .config import ModelConfig, RopeConfig
 from .gguf_meta import read_header, tensor_array
 

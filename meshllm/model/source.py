@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ConfigError, MissingTensorError, ModelFileError
 from .config import ModelConfig
+from .gguf_meta import is_gguf
 
 log = logging.getLogger("meshllm.model")
 
@@ -44,7 +45,7 @@ def open_model(path: str | os.PathLike) -> ModelSource:
             f"or a Llama .gguf file"
         )
     if p.is_file():
-        if p.suffix.lower() == ".gguf" or _is_gguf(p):
+        if is_gguf(p):
             from .gguf_source import GGUFSource
 
             return GGUFSource(p)
@@ -57,12 +58,6 @@ def open_model(path: str | os.PathLike) -> ModelSource:
     return SafetensorsSource(p)
 
 
-def _is_gguf(p: Path) -> bool:
-    try:
-        with p.open("rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 class SafetensorsSource:

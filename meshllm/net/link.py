@@ -55,7 +55,7 @@ class Link(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.address = ""
         self.error: BaseException | None = None
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
         self._last_in = self._last_out = loop.time()
@@ -85,7 +85,7 @@ class Link(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
-        self._last_in = asyncio.get_running_loop().time()
+        self._last_in = self._loop.time()
         was_ready = self.conn.state == "ready"
         try:
             messages = self.conn.receive_data(data)
@@ -96,7 +96,7 @@ class Link(asyncio.Protocol):
         self._flush()
         if not was_ready and self.conn.state == "ready" and not self.ready.done():
             self.ready.set_result(None)
-            self._beat_timer = asyncio.get_running_loop().call_later(self.timeouts.beat / 2, self._beat)
+            self._beat_timer = self._loop.call_later(self.timeouts.beat / 2, self._beat)
         for msg in messages:
             if self.closed.done():
                 return
@@ -141,13 +141,13 @@ class Link(asyncio.Protocol):
             self._fail(err)
             raise err
         self.transport.write(frame)
-        self._last_out = asyncio.get_running_loop().time()
+        self._last_out = self._loop.time()
 
     def _beat(self) -> None:
         """Every half beat: close the link if the peer has been silent too long; send a beat if we have been."""
         if self.closed.done():
             return
-        now = asyncio.get_running_loop().time()
+        now = self._loop.time()
         if now - self._last_in > self.timeouts.silence:
             self._fail(DeviceLostError(f"no word from {self.peer} for {self.timeouts.silence:g} s: it hangs, "
                                        f"sleeps or is cut off"))
@@ -157,7 +157,7 @@ class Link(asyncio.Protocol):
                 self.send({"t": "beat"})
             except LinkError:
                 return  # closed by the write limit: already failed
-        self._beat_timer = asyncio.get_running_loop().call_later(self.timeouts.beat / 2, self._beat)
+        self._beat_timer = self._loop.call_later(self.timeouts.beat / 2, self._beat)
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()

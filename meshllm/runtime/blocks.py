@@ -86,7 +86,7 @@ class BlockStore:
         t0 = time.perf_counter()
         # blocks that stay for good are copied in; streamed ones are mapped, so releasing them returns the pages
         tensors, n = read_block(self.cache.path(i), self.read_rate, mapped=self.window.streamed(i))
-        if not self.window.fits and i in self.window.pinned:
+        if i in self.window.pinned:
             drop_cached_pages(self.cache.path(i))  # copied in for good: its file pages would only take room
         self.disk_read_bytes += n
         self.read_s += time.perf_counter() - t0

@@ -31,7 +31,7 @@ from .blocks import BlockStore
 from ..net.link import Link, Timeouts, connect, new_connection, parse_address
 from ..wire.frames import DEFAULT_MAX_FRAME
 from .executors import compute_executor, cpu_count, io_executor, set_torch_threads
-from .local import peak_rss_bytes
+from .originator import peak_rss_bytes
 from .tensors import from_record, to_record
 from .worker import ShardWorker
 
@@ -299,8 +299,7 @@ class Device:
                 for expected in missing:
                     index, size = await self._receive_block(session, cache, expected)
                     sizes[index] = size
-            room = await asyncio.get_running_loop().run_in_executor(
-                self._io, page_cache_room, min(self.budget or 0, sum(sizes.values())))
+            room = await loop.run_in_executor(self._io, page_cache_room, min(self.budget or 0, sum(sizes.values())))
             store = BlockStore(cache, sizes, config, shard, self.budget, self._io, self.read_rate, room)
             await store.start()
             session.store = store
@@ -383,10 +382,8 @@ class Device:
     def _on_attach(self, link: Link, msg: dict[str, Any]) -> None:
         session = self.sessions.get(msg["session"])
         rank = msg["rank"]
-        if session is None or not session.is_hub or not isinstance(rank, int) or not 0 <= rank < session.world \
-                or rank == session.rank or rank in session.reduce.worker_links:
+        if session is None or not session.is_hub or not session.reduce.attach(rank, link):
             raise ProtocolError(f"bad attach for session {msg['session']!r} rank {rank!r}")
-        session.reduce.worker_links[rank] = link
         link.send({"t": "attached", "session": session.id})
 
     # -- requests ---------------------------------------------------------------------------------------------

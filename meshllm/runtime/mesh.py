@@ -157,18 +157,20 @@ class MeshEngine(Originator):
 
         loop = asyncio.get_running_loop()
 
-        def build(index: int) -> bytes:
+        def build(index: int) -> tuple[bytes, str]:
+            """A block file's bytes and their SHA-256, made in the I/O thread (hashing MBs would stall the loop)."""
             if self._stream_src is None:  # opened once (GGUF parsing is slow), closed when the mesh is up
                 self._stream_src = open_model(self._model_ref)
             src, layer = self._stream_src, index // 2
             if index % 2 == 0:
-                return serialize_block(attn_tensors(load_attn_block(src, layer, shard, self.dtype)))
-            return serialize_block(mlp_tensors(load_mlp_block(src, layer, shard, self.dtype)))
+                data = serialize_block(attn_tensors(load_attn_block(src, layer, shard, self.dtype)))
+            else:
+                data = serialize_block(mlp_tensors(load_mlp_block(src, layer, shard, self.dtype)))
+            return data, hashlib.sha256(data).hexdigest()
 
         sent, t0, shown = 0, time.perf_counter(), -1
         for n, index in enumerate(blocks):
-            data = await loop.run_in_executor(self._io, build, index)
-            digest = hashlib.sha256(data).hexdigest()
+            data, digest = await loop.run_in_executor(self._io, build, index)
             for off in range(0, max(len(data), 1), CHUNK):
                 msg = {"t": "slice", "session": self.session, "block": index, "offset": off,
                        "data": data[off:off + CHUNK]}
@@ -379,10 +381,9 @@ async def gather_or_cancel(*aws) -> list:
     try:
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     except BaseException:  # we were cancelled
-        done, pending = set(), set(tasks)
-        for t in pending:
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         raise
     for t in pending:
         t.cancel()

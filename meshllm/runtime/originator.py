@@ -16,6 +16,7 @@ from typing import AsyncIterator
 
 import torch
 
+from ..discovery.probe import proc_kib
 from ..generation.loop import Result, generate
 from ..generation.sampling import Sampler, SamplingParams
 from ..model.layers import HeadWeights, embed, logits
@@ -32,14 +33,7 @@ def peak_rss_bytes() -> int:
     Linux's VmHWM starts afresh at exec; getrusage's ru_maxrss does not (a child forked from a large parent
     would report the parent's size), so it is only the fallback.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return proc_kib("/proc/self/status", "VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class Originator:
@@ -135,8 +129,7 @@ class Originator:
             return embed(self.head, torch.tensor([ids], dtype=torch.long))
 
     def _sample(self, h: torch.Tensor, sampler: Sampler) -> int:
-        with torch.inference_mode():
-            return sampler(logits(self.head, h.to(self.dtype))[0, -1])
+        return sampler(self._logits(h))
 
     # -- requests ------------------------------------------------------------------------------------------
 

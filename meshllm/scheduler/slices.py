@@ -98,6 +98,7 @@ def read_block(path: Path, rate: float | None = None, *, mapped: bool = False) -
 
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python 3.11 lacks the name
+_POPULATE_READ = True  # cleared at the first failure (an older kernel), so the failing call is not retried per block
 
 
 def _libc_madvise():
@@ -149,14 +150,16 @@ def _map_populated(fd: int, size: int) -> mmap.mmap:
     one page-table entry instead of 512, which makes mapping and unmapping a block per token about 10x cheaper.
     Where the kernel cannot, the calls fail or do nothing and ordinary pages are used.
     """
-    buf = _map_huge(fd, size)
-    try:
-        _madvise(buf, MADV_POPULATE_READ)
-    except OSError:  # a kernel before 5.14: map again, populated at mmap time
-        buf.close()
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        buf = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
-    return buf
+    global _POPULATE_READ
+    if _POPULATE_READ:
+        buf = _map_huge(fd, size)
+        try:
+            _madvise(buf, MADV_POPULATE_READ)
+            return buf
+        except OSError:  # a kernel before 5.14: from now on, map populated at mmap time (every block, every token)
+            buf.close()
+            _POPULATE_READ = False
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
 
 
 def _advise(path: Path, advice: int) -> None:

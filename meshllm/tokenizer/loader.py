@@ -6,27 +6,17 @@ import os
 from pathlib import Path
 
 from meshllm.errors import ModelFileError
+from meshllm.model.gguf_meta import is_gguf
 from meshllm.tokenizer._config import read_folder_config
 from meshllm.tokenizer.base import Tokenizer
 
-_GGUF_MAGIC = b"GGUF"
-
-
-def _is_gguf(path: Path) -> bool:
-    if path.suffix.lower() == ".gguf":
-        return True
-    try:
-        with path.open("rb") as f:
-            return f.read(4) == _GGUF_MAGIC
-    except OSError:
-        return False
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a Hugging Face model folder (tokenizer.json or tokenizer.model) or of a .gguf file."""
     path = Path(path)
     if path.is_file():
-        if not _is_gguf(path):
+        if not is_gguf(path):
             raise ModelFileError(
                 f"{path} is neither a model folder nor a .gguf file; pass the folder that holds "
                 "tokenizer.json or tokenizer.model, or a GGUF file"

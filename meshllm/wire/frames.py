@@ -97,9 +97,10 @@ class FrameDecoder:
             end = HEADER.size + length
             if len(self._buf) < end:
                 break
-            body = bytes(self._buf[HEADER.size:end])
-            del self._buf[:end]
-            out.append(decode_body(body))
+            with memoryview(self._buf) as view, view[HEADER.size:end] as body:
+                message = decode_body(body)  # msgpack reads the buffer in place: no copy of the body
+            del self._buf[:end]  # the views are released: the buffer may shrink
+            out.append(message)
         return out
 
     @property
