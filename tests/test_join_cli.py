@@ -115,3 +115,44 @@ async def test_examples_run_on_a_discovered_mesh(example, check, smollm2_gguf, t
         assert "alone" not in err  # it used the devices
     finally:
         await asyncio.gather(*(d.stop() for d in devices))
+
+
+def _port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+async def test_two_joins_without_a_port_both_serve_and_are_discovered(tmp_path):
+    from meshllm.cli import DEFAULT_PORT
+
+    secret = "ports-" + tmp_path.name
+    default_free = _port_is_free(DEFAULT_PORT)
+    first = await join("port-a", secret, tmp_path, score=1.0, port=None)
+    second = await join("port-b", secret, tmp_path, score=2.0, port=None)
+    try:
+        ports = {int(d.address.rsplit(":", 1)[1]) for d in (first, second)}
+        assert len(ports) == 2
+        if default_free:  # the first took the default; the second said it took another
+            assert first.address == f"{LOOPBACK}:{DEFAULT_PORT}"
+            assert f"port {DEFAULT_PORT} is taken" in second.log.read_text()
+        # both discoverable at the port they really listen on, and both answer an authenticated ping
+        code, out, err = await run("-m", "meshllm", "status", "--interface", LOOPBACK, "--timeout", "1.5", "--json",
+                                   env={"MESHLLM_SECRET": secret})
+        assert code == 0, err
+        got = {d["node_id"]: d for d in json.loads(out)["devices"]}
+        for d in (first, second):
+            assert got[d.name]["address"] == d.address
+            assert got[d.name]["rtt_kind"] == "authenticated ping" and got[d.name]["rtt_s"] is not None
+        # an explicit --port that is taken stays an error
+        taken = first.address.rsplit(":", 1)[1]
+        code, _, err = await run("-m", "meshllm", "join", "--interface", LOOPBACK, "--port", taken, "--score", "1",
+                                 "--no-advertise", env={"MESHLLM_SECRET": secret}, timeout=60)
+        assert code == 1 and f"cannot listen on {LOOPBACK}:{taken}" in err and "Traceback" not in err
+    finally:
+        await asyncio.gather(first.stop(), second.stop())

@@ -245,3 +245,24 @@ async def test_a_hung_device_is_found_by_its_silence_and_idle_links_stay_open(ma
             assert elapsed < timeouts.silence + 3, f"took {elapsed:.1f} s to notice"
             assert isinstance(info.value, DeviceLostError), repr(info.value)
             assert "no word from" in str(info.value) and victim.address.rsplit(":", 1)[0] in str(info.value)
+
+
+async def test_a_hub_lost_between_requests_fails_no_request_on_the_workers(make_model, tmp_path):
+    """Between requests nothing is running: a worker that loses the hub (as at every clean shutdown, where the hub
+    closes its links first) logs no failed request; the next request is refused naming the lost hub."""
+    folder = make_model("gqa_tied", **VARIANTS["gqa_tied"])
+    secret = local_secret()
+    async with LocalCluster(3, secret, verbose=True, log_dir=tmp_path) as addresses:
+        async with MeshEngine(folder, addresses, secret) as mesh:
+            await mesh.generate(PROMPT, SamplingParams(max_tokens=3, ignore_eos=True), chat=False)
+            hub = mesh.members[mesh.plan.hub]
+            workers = [m.rank for m in mesh.members if m.rank != mesh.plan.hub]
+            hub.link.close()  # the hub drops the session and closes its links to the workers
+            for i in workers:
+                await wait_for_log(tmp_path, i, "its next request will be refused")
+            with pytest.raises(LinkError) as info:
+                await mesh.generate(PROMPT, SamplingParams(max_tokens=3, ignore_eos=True), chat=False)
+            assert hub.link.conn.peer_id in str(info.value)
+        await generate_ok(folder, addresses, secret)  # the devices serve the next session
+    for i in workers:
+        assert "failed" not in log_text(tmp_path, i), log_text(tmp_path, i)

@@ -146,6 +146,19 @@ def make_plan(config: ModelConfig, devices: Sequence[DeviceSpec], dtype: str, hu
     return Plan(tuple(shards), tuple(devices), hub, dtype, sizes)
 
 
+# a device process before any weight: Python, torch and the runtime (an idle `meshllm join` measured 229 MiB of RSS)
+PROCESS_BYTES = 256 * 2**20
+
+
+def local_memory_need(config: ModelConfig, n: int, dtype: str, budget: int | None = None) -> int:
+    """Memory that `n` device processes on this machine plus the originator take at least: each process's
+    runtime, each device's weights (its budget where that is less) and the originator's head. Raises PlanError
+    when no plan over `n` devices exists (too many devices for the heads, a budget below one block)."""
+    plan = make_plan(config, [DeviceSpec(f"local-{i}", 1.0, budget) for i in range(n)], dtype)
+    held = sum(min(b, budget) if budget else b for b in plan.shard_bytes)
+    return (n + 1) * PROCESS_BYTES + held + head_bytes(config, dtype)
+
+
 def elect_hub(devices: Sequence[DeviceSpec]) -> int:
     """The strongest device: highest weight, ties to the smallest name (a total order, same on every device)."""
     return min(range(len(devices)), key=lambda i: (-devices[i].weight, devices[i].name, i))

@@ -8,6 +8,7 @@ task; an abort cancels the running step at once. A bad message closes only the l
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
@@ -67,6 +68,7 @@ class Session:
     runner: asyncio.Task | None = None
     current: asyncio.Task | None = None  # the running step
     finished_req: int = -1  # requests up to this id are over: their stray parts/sums are dropped
+    open_req: int | None = None  # the request whose begin has arrived and whose end (or abort) has not
     attached: asyncio.Future | None = None  # on a worker: the hub accepted our attach
     slices: asyncio.Queue | None = None  # streamed block chunks, one in flight
     store: BlockStore | None = None
@@ -92,10 +94,11 @@ class Device:
                  timeouts: Timeouts = Timeouts(), threads: int | None = None,
                  max_frame: int = DEFAULT_MAX_FRAME, capability: float | None = None,
                  cache_dir: str | os.PathLike | None = None, budget: int | None = None,
-                 read_rate: float | None = None) -> None:
+                 read_rate: float | None = None, fallback_port: bool = False) -> None:
         self.secret = secret
         self.node_id = name or f"dev-{uuid.uuid4().hex[:8]}"
         self.host, self.port = host, port
+        self.fallback_port = fallback_port  # `port` taken: listen on any free port instead of failing
         self.timeouts = timeouts
         self.threads = threads
         self.max_frame = max_frame
@@ -119,7 +122,15 @@ class Device:
         await self._tasks.__aenter__()
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(self._accept, self.host, self.port)
+            try:
+                self._server = await loop.create_server(self._accept, self.host, self.port)
+            except OSError as e:
+                if not (self.fallback_port and e.errno == errno.EADDRINUSE and self.port):
+                    raise
+                taken, self.port = self.port, 0
+                self._server = await loop.create_server(self._accept, self.host, 0)
+                log.info("port %d is taken (another device or program): listening on port %d instead",
+                         taken, self._server.sockets[0].getsockname()[1])
         except OSError as e:
             await self.__aexit__(None, None, None)
             raise MeshError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}; choose a free --port "
@@ -200,6 +211,11 @@ class Device:
                 session.commands.put_nowait(msg)
             except asyncio.QueueFull:
                 raise ProtocolError(f"more than {STEP_QUEUE} commands queued for session {session.id}") from None
+            # a request is open from the arrival of its begin to the arrival of its end (queued or running)
+            if kind == "begin":
+                session.open_req = msg["req"]
+            elif kind == "end" and session.open_req == msg["req"]:
+                session.open_req = None
         elif kind == "abort":
             session = self._session_of(link, msg)
             log.info("session %s: request %s aborted by the originator: %s", session.id, msg["req"], msg["reason"])
@@ -483,6 +499,8 @@ class Device:
     def _abort_request(self, session: Session, req: int, reason: str) -> None:
         """Stop `req` now: drop its queued commands, cancel its running step."""
         session.finished_req = max(session.finished_req, req)
+        if session.open_req is not None and session.open_req <= req:
+            session.open_req = None
         session.reduce.abort(req)
         if session.current is not None and not session.current.done():
             session.current.cancel()
@@ -498,7 +516,12 @@ class Device:
         if session.broken:
             return
         session.broken = reason
-        self._fail_request(session, max(session.finished_req, session.reduce.finished_req) + 1, reason)
+        if session.open_req is None:
+            # between requests (a clean shutdown closes the hub's links first): no request fails; the next one
+            # is refused with this reason
+            log.info("session %s: %s; its next request will be refused", session.id, reason)
+            return
+        self._fail_request(session, session.open_req, reason)
 
     def _drop_session(self, session: Session, reason: str) -> None:
         log.info("session %s closed: %s", session.id, reason)

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +34,7 @@ log = logging.getLogger("meshllm.mesh")
 
 CONTROL_QUEUE = 16  # control replies a device may have outstanding; more is a protocol violation
 CHUNK = 4 * 2**20  # bytes of a block file per `slice` frame
+FORWARD_HISTORY = 1024  # step round trips kept for reports (an app lives for millions of steps)
 
 
 @dataclass
@@ -81,7 +83,7 @@ class MeshEngine(Originator):
         self.step = 0
         self._pending: dict[tuple[str, Any], asyncio.Future] = {}
         self._failure: BaseException | None = None
-        self.forward_s: list[float] = []
+        self.forward_s: deque[float] = deque(maxlen=FORWARD_HISTORY)  # the last steps' round trips, seconds
 
     # -- bring-up ----------------------------------------------------------------------------------------------
 

@@ -31,10 +31,13 @@ class Joined:
 
 
 async def join(name: str, secret: str, tmp: Path, *, score: float | None = None, extra: tuple[str, ...] = (),
-               timeout: float = 60.0) -> Joined:
-    """Start `meshllm join` on loopback (any port, advertised by mDNS on 127.0.0.1) and wait for READY."""
-    cmd = [sys.executable, "-m", "meshllm", "join", "--interface", LOOPBACK, "--port", "0", "--name", name,
-           "--threads", "1", "--cache-dir", str(tmp / f"cache-{name}"), "--verbose", *extra]
+               timeout: float = 60.0, port: int | None = 0) -> Joined:
+    """Start `meshllm join` on loopback (advertised by mDNS on 127.0.0.1) and wait for READY. `port`: 0 for any
+    free port, None to give no --port (the default port when free)."""
+    cmd = [sys.executable, "-m", "meshllm", "join", "--interface", LOOPBACK, "--name", name, "--threads", "1",
+           "--cache-dir", str(tmp / f"cache-{name}"), "--verbose", *extra]
+    if port is not None:
+        cmd += ["--port", str(port)]
     if score is not None:
         cmd += ["--score", str(score)]
     log = tmp / f"{name}.log"
