@@ -122,3 +122,23 @@ def test_usage_errors_are_one_line_and_help_shows_defaults(capsys):
     assert "default: 7340 when free, else any free port" in " ".join(run("join", "--help")[1].split())
     code, out, _ = run("secret", "--help")
     assert code == 0 and "Print a new random mesh secret" in " ".join(out.split())
+
+
+def test_the_readme_command_on_local_devices_gives_the_ids_of_one_device(smollm2_gguf):
+    """The README's headline run: `generate --chat --local-devices 3` on the real GGUF, the same ids as one device."""
+    import asyncio
+
+    from meshllm import LocalEngine, SamplingParams
+
+    async def alone():
+        async with LocalEngine(smollm2_gguf) as engine:
+            return await engine.generate(QUESTION, SamplingParams(max_tokens=24), chat=True)
+
+    expected = asyncio.run(alone())
+    proc = generate(smollm2_gguf, "--chat", "--prompt", QUESTION, "--local-devices", "3", "--max-tokens", "24",
+                    "--json")
+    out = json.loads(proc.stdout)
+    assert out["token_ids"] == expected.token_ids and out["text"] == expected.text == "The capital of France is Paris."
+    roles = sorted(d["role"] for d in out["devices"])
+    assert roles == ["hub", "originator", "worker", "worker"]
+    assert sum(d["share"] for d in out["devices"]) == pytest.approx(1.0, abs=1e-3)

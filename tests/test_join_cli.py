@@ -98,12 +98,23 @@ async def test_join_refuses_bad_input_with_a_clear_error(tmp_path):
     assert proc.returncode == 1 and b"no mesh secret" in err
 
 
+async def _stream_example_reference(model) -> str:
+    """What examples/mesh_stream.py must print: the same request (sampled, seeded) on this device alone."""
+    from meshllm import SamplingParams
+
+    async with LocalEngine(model) as engine:
+        result = await engine.generate("Write a haiku about a small computer.",
+                                       SamplingParams(max_tokens=96, temperature=0.7, seed=1))
+    return result.text
+
+
 @pytest.mark.parametrize("example, check", [
-    ("mesh_generate.py", lambda out: "Paris" in out),
-    ("mesh_stream.py", lambda out: len(out.strip()) > 0),
-    ("mesh_chat.py", lambda out: "> What is the capital of France?" in out and "Paris" in out),
+    ("mesh_generate.py", lambda out, ref: "Paris" in out),
+    ("mesh_stream.py", lambda out, ref: out.strip() == ref.strip() != ""),
+    ("mesh_chat.py", lambda out, ref: "> What is the capital of France?" in out and "Paris" in out),
 ])
 async def test_examples_run_on_a_discovered_mesh(example, check, smollm2_gguf, tmp_path):
+    reference = await _stream_example_reference(smollm2_gguf) if example == "mesh_stream.py" else None
     secret = "ex-" + tmp_path.name
     devices = await join_all([("ex-1", secret, 1.0), ("ex-2", secret, 1.0)], tmp_path)
     try:
@@ -111,7 +122,7 @@ async def test_examples_run_on_a_discovered_mesh(example, check, smollm2_gguf, t
         code, out, err = await run(*args, env={"MESHLLM_SECRET": secret, "MESHLLM_INTERFACE": LOOPBACK,
                                                "MESHLLM_MODEL": str(smollm2_gguf)})
         assert code == 0, err
-        assert check(out), out
+        assert check(out, reference), (out, reference)
         assert "alone" not in err  # it used the devices
     finally:
         await asyncio.gather(*(d.stop() for d in devices))
@@ -156,3 +167,52 @@ async def test_two_joins_without_a_port_both_serve_and_are_discovered(tmp_path):
         assert code == 1 and f"cannot listen on {LOOPBACK}:{taken}" in err and "Traceback" not in err
     finally:
         await asyncio.gather(first.stop(), second.stop())
+
+
+def _read_bandwidth_gbps() -> float:
+    """An independent yardstick: GB/s at which one thread of numpy streams a 256 MiB array (median of 5 sums)."""
+    import statistics
+    import time
+
+    import numpy as np
+
+    a = np.ones(64 * 2**20, dtype=np.float32)
+    runs = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        a.sum()
+        runs.append(time.perf_counter() - t0)
+    return a.nbytes / statistics.median(runs[1:]) / 1e9
+
+
+async def test_join_measures_its_capability_once_and_advertises_it(tmp_path):
+    """Without --score, `join` runs the probe (a GEMV over weights larger than the caches), caches it per CPU and
+    thread count, advertises it as its score, and the next start reuses it."""
+    secret = "probe-" + tmp_path.name
+    async with Browser(LOOPBACK) as browser:
+        async def advertised(name: str) -> float:
+            for _ in range(100):
+                for r in browser.peers.values():
+                    if r.node_id == name:
+                        return r.score
+                await browser.changed(0.1)
+            raise AssertionError(f"{name} was not discovered")
+
+        first = await join("probe-1", secret, tmp_path)  # no --score: measured
+        try:
+            score = await advertised("probe-1")
+        finally:
+            await first.stop()
+        cached = json.loads((tmp_path / "cache-probe-1" / "capability.json").read_text())
+        assert cached["key"]["threads"] == 1
+        assert score == cached["result"]["gemv_gbps"] > 0
+        assert "capability probe:" in first.log.read_text()
+        # within a factor of the memory bandwidth numpy reaches on one thread here (a loose physical check: the
+        # probe must measure streaming weights, not a cached toy)
+        assert 0.2 < score / _read_bandwidth_gbps() < 5, (score, _read_bandwidth_gbps())
+        again = await join("probe-1", secret, tmp_path)
+        try:
+            assert await advertised("probe-1") == score
+        finally:
+            await again.stop()
+        assert "capability probe:" not in again.log.read_text()

@@ -92,6 +92,25 @@ async def test_second_request_and_stream_on_the_same_mesh(make_model, cluster):
         assert "".join(pieces) == again.text
 
 
+async def test_a_prefill_larger_than_half_a_frame_goes_as_several_steps(make_model, cluster):
+    """The originator cuts a prefill whose hidden states exceed half its frame limit into steps of whole tokens;
+    the KV caches make the result exact."""
+    addresses, secret = cluster
+    folder = make_model("gqa_tied", **VARIANTS["gqa_tied"])
+    long_prompt = " ".join([PROMPT] * 4)
+    async with LocalEngine(folder) as engine:
+        expected = await engine.generate(long_prompt, SamplingParams(max_tokens=8, ignore_eos=True), chat=False)
+    per_token = 64 * 4  # hidden size 64, fp32
+    # room for 10 tokens of hidden state in half a frame
+    async with MeshEngine(folder, addresses[:2], secret, max_frame=20 * per_token) as mesh:
+        prompt_ids = mesh.encode_prompt(long_prompt, chat=False)
+        assert len(prompt_ids) > 30
+        result = await mesh.generate(long_prompt, SamplingParams(max_tokens=8, ignore_eos=True), chat=False)
+        assert result.token_ids == expected.token_ids
+        # one step per 10 prompt tokens, then one per generated token after the first
+        assert mesh.step == -(-len(prompt_ids) // 10) + 7
+
+
 class Tap:
     """A TCP relay that records every byte each side sends (to prove what crosses the wire)."""
 

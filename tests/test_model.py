@@ -8,47 +8,9 @@ import pytest
 import torch
 
 from helpers.checkpoints import VARIANTS
-from meshllm.generation.loop import Result, generate
-from meshllm.generation.sampling import SamplingParams
+from helpers.reference import N_NEW, PROMPTS, assert_close_rel, hf_greedy, hf_model, ours_greedy
 from meshllm.model.shard import Shard
 from meshllm.runtime.local import LocalEngine
-
-PROMPTS = [
-    [1, 17, 230, 45, 99, 311],
-    [1, 400, 3, 3, 3, 77, 180, 22, 5, 9, 500, 64],
-    [1, 250],
-]
-N_NEW = 32
-
-
-def hf_model(folder):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    from transformers import GenerationConfig
-
-    gc = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        prompt = torch.tensor([ids])
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gc)
-    return out[0, len(ids):].tolist()
-
-
-async def ours_greedy(engine: LocalEngine, ids: list[int], n: int) -> list[int]:
-    result = Result()
-    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    async for _ in generate(engine, engine.tokenizer, ids, params, result):
-        pass
-    return result.token_ids
-
-
-def assert_close_rel(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
-    err = (ours - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= rel * scale, f"max abs error {err:.3g} exceeds {rel} x max |logit| {scale:.3g}"
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -83,6 +45,21 @@ async def test_logits_match_transformers(make_model, variant):
         engine.forward_sync(ids[:4], 0)
         chunk = engine.forward_sync(ids[4:], 4, all_logits=True)
         assert_close_rel(chunk, ref_logits[4:])
+
+
+async def test_kv_caches_grow_past_the_capacity_a_request_began_with(make_model):
+    """A cache begun too small grows (by doubling) and keeps every position: logits as transformers' at each step."""
+    folder = make_model("gqa_tied", **VARIANTS["gqa_tied"])
+    ref = hf_model(folder)
+    ids = [1, 17, 230, 45, 99, 311, 8, 140, 12, 200, 3, 77]
+    with torch.no_grad():
+        ref_logits = ref(torch.tensor([ids])).logits[0]
+    async with LocalEngine(folder) as engine:
+        engine.worker.begin(2)
+        assert_close_rel(engine.forward_sync(ids[:5], 0, all_logits=True), ref_logits[:5])  # 2 -> 5
+        for pos in range(5, len(ids)):  # 5 -> 10 -> 20, one position at a time
+            assert_close_rel(engine.forward_sync([ids[pos]], pos)[-1], ref_logits[pos])
+        assert engine.worker.caches[0].k.shape[2] == 20
 
 
 async def test_sharded_checkpoint_and_transformers4_config(make_model):
@@ -132,12 +109,24 @@ def test_partials_over_uneven_shards_sum_to_the_whole(make_model):
         assert_close_rel(r, expected)
 
 
-async def test_bfloat16_runs_close_to_float32(make_model):
-    folder = make_model("gqa_tied", **VARIANTS["gqa_tied"])
-    async with LocalEngine(folder, dtype="float32") as f32, LocalEngine(folder, dtype="bfloat16") as bf16:
-        f32.worker.begin(8)
-        bf16.worker.begin(8)
-        a = f32.forward_sync([1, 5, 90, 200], 0)
-        b = bf16.forward_sync([1, 5, 90, 200], 0)
-        assert b.dtype == torch.float32
-        assert_close_rel(b, a, rel=0.1)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("variant", ["gqa_tied", "odd_sizes"])
+async def test_half_precision_decodes_like_transformers_in_the_same_dtype(make_model, variant, dtype):
+    """bf16 and fp16 against transformers run in the same dtype, through a whole decode (KV cache, every step)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = make_model(variant, **VARIANTS[variant])
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    async with LocalEngine(folder, dtype=dtype) as engine:
+        assert engine.dtype == getattr(torch, dtype)
+        for ids in PROMPTS:
+            ids = [i % engine.config.vocab_size for i in ids]
+            expected = hf_greedy(ref, ids, N_NEW)
+            ours = await ours_greedy(engine, ids, N_NEW)
+            assert ours == expected
+            with torch.no_grad():
+                ref_logits = ref(torch.tensor([ids + ours[:-1]])).logits[0, len(ids) - 1:].float()
+            engine.worker.begin(len(ids) + N_NEW)
+            steps = [engine.forward_sync(ids, 0)[-1]] + [engine.forward_sync([t], len(ids) + i)[-1]
+                                                          for i, t in enumerate(ours[:-1])]
+            assert_close_rel(torch.stack(steps), ref_logits, rel=0.03)

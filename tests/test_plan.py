@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
+from fractions import Fraction
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from meshllm.cluster.plan import block_bytes, DeviceSpec, Plan, elect_hub, layer_bytes, make_plan, mlp_alignment
+from meshllm.cluster.plan import (
+    FILE_SLACK,
+    PROCESS_BYTES,
+    DeviceSpec,
+    Plan,
+    block_bytes,
+    elect_hub,
+    head_bytes,
+    human_bytes,
+    layer_bytes,
+    local_memory_need,
+    make_plan,
+    mlp_alignment,
+)
 from meshllm.errors import PlanError
 from meshllm.model.config import ModelConfig, RopeConfig
+from meshllm.model.loader import DTYPES, load_attn_block, load_head, load_mlp_block
 from meshllm.model.shard import Shard
 
 
@@ -145,14 +165,150 @@ def test_more_devices_than_heads(c, n):
 
 
 def test_no_devices():
-    with pytest.raises(PlanError, match="no devices"):
+    with pytest.raises(PlanError, match="^no devices to plan over$"):
         make_plan(NINE, [], "float32")
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
 def test_non_positive_weight(bad):
-    with pytest.raises(PlanError, match="weight must be a positive finite number"):
+    with pytest.raises(PlanError, match=rf"^every device's capability weight must be a positive finite number, got "
+                                        rf"dev0=1, dev1={bad}$"):
         make_plan(NINE, devices(1, bad), "float32")
+
+
+def largest_remainder(total: int, weights) -> list[int]:
+    """Hamilton's method, exactly: each part the floor of its quota, then one more to the largest remainders
+    (ties to the lower rank)."""
+    quotas = [total * Fraction(w) / sum(map(Fraction, weights)) for w in weights]
+    counts = [math.floor(q) for q in quotas]
+    for i in sorted(range(len(weights)), key=lambda i: (counts[i] - quotas[i], i))[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+@pytest.mark.parametrize("c", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("weights", [(1, 1.5, 1), (4, 2, 1), (1, 2, 4), (3, 5, 7, 11), (2, 3), (1, 1000),
+                                     (1, 4, 7), (1, 1, 7), (1, 1, 3, 7)], ids=str)
+def test_shares_are_apportioned_by_largest_remainder(c, weights):
+    """Equal remainders tie to the lower rank exactly: (1, 4, 7) over 32 heads leaves 2/3 to each, and (1, 1, 7)
+    must give its two equal devices equal columns, however floats would round the quotas."""
+    if len(weights) > c.num_heads:
+        pytest.skip("more devices than heads")
+    plan = make_plan(c, devices(*weights), "float32")
+    unit = mlp_alignment(c, len(weights))
+    cols = [n * unit for n in largest_remainder(c.intermediate_size // unit, weights)]
+    cols[-1] += c.intermediate_size % unit  # the last shard takes the remainder below a unit
+    assert [s.num_mlp for s in plan.shards] == cols
+    if all(c.num_heads * w / sum(weights) >= 1 for w in weights):  # the one-head minimum does not bind
+        assert [s.num_q for s in plan.shards] == largest_remainder(c.num_heads, weights)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 100_000).map(lambda m: m / 1000), min_size=1, max_size=9))
+def test_columns_follow_largest_remainder_for_any_advertised_scores(scores):
+    """Scores travel with three decimals."""
+    c = config(9, 3, 186)
+    plan = make_plan(c, devices(*scores), "float32")
+    unit = mlp_alignment(c, len(scores))
+    cols = [n * unit for n in largest_remainder(c.intermediate_size // unit, scores)]
+    cols[-1] += c.intermediate_size % unit
+    assert [s.num_mlp for s in plan.shards] == cols
+
+
+def test_a_device_too_weak_for_a_unit_of_columns_gets_one_head_and_no_columns():
+    plan = make_plan(NINE, devices(1, 1000), "float32")
+    assert [(s.num_q, s.num_mlp) for s in plan.shards] == [(1, 0), (8, 96)]
+
+
+@pytest.mark.parametrize(("inter", "world", "unit"), [
+    (256, 2, 64), (255, 2, 32), (128, 2, 32), (127, 2, 16), (64, 2, 16), (63, 2, 8), (32, 2, 8), (31, 2, 1),
+    (384, 3, 64), (383, 3, 32), (5632, 1, 64), (15, 1, 1), (16, 1, 8),
+])
+def test_mlp_alignment_is_the_widest_unit_giving_every_device_two(inter, world, unit):
+    # the widest of 64, 32, 16, 8 columns with at least two units per device; single columns otherwise
+    assert mlp_alignment(config(4, 2, inter), world) == unit
+
+
+def llama_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a Hugging Face Llama checkpoint (transformers' LlamaForCausalLM): per layer, then the head."""
+    d, i, q, kv = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return {"input_layernorm.weight": (d,), "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+            "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q), "self_attn.q_proj.bias": (q,),
+            "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (d,),
+            "post_attention_layernorm.weight": (d,), "mlp.gate_proj.weight": (i, d), "mlp.up_proj.weight": (i, d),
+            "mlp.down_proj.weight": (d, i), "mlp.gate_proj.bias": (i,), "mlp.up_proj.bias": (i,),
+            "mlp.down_proj.bias": (d,), "model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,),
+            "lm_head.weight": (c.vocab_size, d)}
+
+
+class MetaCheckpoint:
+    """A checkpoint of that layout without data (meta tensors): the loader slices it as it would a real one."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.shapes = llama_shapes(config)
+
+    def get(self, name: str, rows=None, cols=None) -> torch.Tensor:
+        key = name if name.startswith(("model.embed", "model.norm", "lm_head")) else name.split(".", 3)[3]
+        t = torch.empty(self.shapes[key], device="meta")
+        if rows is not None:
+            t = t[rows[0]:rows[1]]
+        if cols is not None:
+            t = t[:, cols[0]:cols[1]]
+        return t
+
+
+BIASED = dataclasses.replace(NINE, attention_bias=True, mlp_bias=True)
+
+
+@pytest.mark.parametrize("c", [*CONFIGS, BIASED], ids=[*IDS, "9h3kv-bias"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_block_and_layer_bytes_are_what_the_loader_holds(c, dtype):
+    src = MetaCheckpoint(c)
+    for weights in [(1,), (3, 1), (1, 1000), (1, 2, 3, 4, 5)]:
+        plan = make_plan(c, devices(*weights), dtype)
+        assert plan.dtype == dtype
+        for s, planned in zip(plan.shards, plan.shard_bytes):
+            attn = load_attn_block(src, 0, s, DTYPES[dtype]).nbytes()
+            mlp = load_mlp_block(src, 0, s, DTYPES[dtype]).nbytes()
+            assert block_bytes(c, s, dtype) == (attn + FILE_SLACK, mlp + FILE_SLACK)
+            assert layer_bytes(c, s, dtype) == planned == c.num_layers * (attn + mlp)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_head_bytes_are_what_the_loader_holds(tied, dtype):
+    c = dataclasses.replace(NINE, tie_word_embeddings=tied)
+    assert head_bytes(c, dtype) == load_head(MetaCheckpoint(c), DTYPES[dtype]).nbytes()
+
+
+def test_local_memory_need_is_every_process_its_weights_and_the_head():
+    c, dtype = NINE, "bfloat16"
+    src = MetaCheckpoint(c)
+    head = load_head(src, DTYPES[dtype]).nbytes()
+    for n in (1, 3):
+        shards = make_plan(c, devices(*[1] * n), dtype).shards
+        held = [c.num_layers * (load_attn_block(src, 0, s, DTYPES[dtype]).nbytes()
+                                + load_mlp_block(src, 0, s, DTYPES[dtype]).nbytes()) for s in shards]
+        # n device processes and this originator, each device's weights, the originator's head
+        assert local_memory_need(c, n, dtype) == (n + 1) * PROCESS_BYTES + sum(held) + head
+        assert local_memory_need(c, n, dtype, budget=max(held)) == (n + 1) * PROCESS_BYTES + sum(held) + head
+        block = max(max(block_bytes(c, s, dtype)) for s in shards)
+        assert block < min(held)
+        assert local_memory_need(c, n, dtype, budget=block) == (n + 1) * PROCESS_BYTES + n * block + head
+        with pytest.raises(PlanError, match="^device local-0's memory budget"):
+            local_memory_need(c, n, dtype, budget=block - 1)
+    with pytest.raises(PlanError, match="10 devices but the model has only 9 attention heads"):
+        local_memory_need(c, 10, dtype)
+
+
+@pytest.mark.parametrize(("n", "text"), [
+    (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"), (10 * 2**20, "10.0 MiB"),
+    (2**30 - 2**20, "1023.0 MiB"), (2**30, "1.0 GiB"), (3 * 2**40, "3072.0 GiB"),
+])
+def test_human_bytes_uses_binary_prefixes(n, text):
+    # IEC 80000-13: KiB = 1024 B, MiB = 1024 KiB, GiB = 1024 MiB; whole bytes, one decimal above; GiB is the largest
+    assert human_bytes(n) == text
 
 
 def test_budget_below_one_block_is_refused_naming_the_smallest_that_works():

@@ -5,8 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from meshllm.scheduler.window import BudgetError, Window, minimum_budget
+from meshllm.scheduler.window import BudgetError, Window, choose_pinned, minimum_budget, spread
 
 
 def drive(w: Window, tokens: int, rng: random.Random | None = None) -> list[tuple[str, int]]:
@@ -72,9 +74,10 @@ def test_prefetch_runs_ahead_as_far_as_the_budget_allows():
 
 
 def test_a_budget_below_the_largest_block_is_refused():
-    with pytest.raises(BudgetError, match="cannot hold the largest block"):
+    with pytest.raises(BudgetError, match=r"^budget of 29 bytes cannot hold the largest block \(30 bytes\)$"):
         Window([10, 30, 10], budget=29)
     assert minimum_budget([10, 30, 10]) == 30
+    assert minimum_budget([]) == 0  # no blocks need no memory
     w = Window([10, 30, 10], budget=30)  # exactly one block at a time still works
     drive(w, tokens=2)
     assert w.peak_bytes == 30
@@ -145,3 +148,76 @@ def test_a_page_cache_smaller_than_the_stream_keeps_a_spread_subset():
     assert set(kept) <= set(streamed) and 270 <= sum(sizes[i] for i in kept) <= 300
     assert max(b - a for a, b in zip(sorted(kept), sorted(kept)[1:])) <= 6  # spread, not a run
     assert not kept & w.pinned
+
+
+def test_blocks_out_of_order_are_refused():
+    w = Window([10, 10], budget=10)
+    with pytest.raises(RuntimeError, match="^block 0 finished loading but was absent$"):
+        w.loaded(0)
+    w.loads()
+    with pytest.raises(RuntimeError, match="^block 0 computed while loading$"):
+        w.computed(0)
+
+
+def test_rewind_releases_the_window_and_pinned_blocks_still_loading():
+    sizes = [10] * 10
+    w = Window(sizes, budget=50)  # 30 of streaming room, 20 pinned
+    assert w.pinned == {4, 9}
+    assert w.loads() == [0, 1, 2, 3, 4]
+    for i in (0, 1):
+        w.loaded(i)
+    w.computed(0)
+    # 1 is resident and streamed, 2 and 3 are streamed and loading, 4 is pinned and loading: all go
+    assert w.rewind() == [1, 2, 3, 4]
+    assert w.state == ["absent"] * 10 and w.resident_bytes == 0 and w.cursor == 0
+    assert w.loads() == [0, 1, 2, 3, 4]
+    for i in (0, 1, 4):
+        w.loaded(i)
+    w.computed(0)
+    assert w.rewind() == [1, 2, 3]  # a pinned block once read stays
+    assert w.ready(4) and w.resident_bytes == 10
+
+
+def test_a_budget_that_holds_everything_pins_nothing():
+    sizes = [10, 30] * 5
+    assert choose_pinned(sizes, sum(sizes)) == frozenset()  # everything stays: there is nothing to stream
+    assert Window(sizes, budget=sum(sizes)).pinned == frozenset()
+    assert choose_pinned(sizes, sum(sizes) - 1)
+
+
+def evenly(n: int, k: int) -> frozenset[int]:
+    """k of n equal blocks spread evenly (Bresenham): block i is chosen where the quota (i + 1) k / n passes a whole
+    number."""
+    return frozenset(i for i in range(n) if (i + 1) * k // n > i * k // n)
+
+
+@pytest.mark.parametrize("n", [8, 16])
+def test_equal_blocks_are_spread_like_bresenham(n):
+    for size in (1, 8):
+        for k in range(n + 1):
+            assert spread([size] * n, k * size) == evenly(n, k), (size, k)
+
+
+def test_spread_over_nothing_chooses_nothing():
+    assert spread([], 100) == frozenset()
+    assert spread([10, 20], 100, among=[]) == frozenset()
+    assert spread([10, 20], 0) == frozenset()
+
+
+@settings(deadline=None)  # a shared machine: time is no property of spread
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=30), st.integers(0, 2000), st.data())
+def test_spread_keeps_to_the_fair_share_of_every_prefix(sizes, room, data):
+    """Walking the cycle, the bytes chosen so far are never ahead of the fair share (room / total of what was
+    walked) and never behind it by a whole block; so the room is used to within one block."""
+    among = sorted(data.draw(st.sets(st.sampled_from(range(len(sizes))), min_size=1)))
+    chosen = spread(sizes, room, among)
+    assert chosen <= set(among)
+    total, biggest = sum(sizes[i] for i in among), max(sizes[i] for i in among)
+    share = min(1.0, room / total)
+    walked = held = 0
+    for i in among:
+        walked += sizes[i]
+        held += sizes[i] if i in chosen else 0
+        assert -1e-9 <= share * walked - held < biggest
+    assert held <= room
+    assert held == total if room >= total else held > room - biggest

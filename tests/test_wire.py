@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import random
+import re
 
 import msgpack
 import pytest
@@ -157,8 +158,8 @@ def test_frame_of_exactly_max_size_accepted():
         (msgpack.packb({1: 2}), "not valid msgpack"),  # non-string map key
         (msgpack.packb([1, 2]), "msgpack list, expected a map"),
         (msgpack.packb("ping"), "msgpack str, expected a map"),
-        (msgpack.packb({"nonce": 1}), "no string 't'"),
-        (msgpack.packb({"t": 5, "nonce": 1}), "no string 't'"),
+        (msgpack.packb({"nonce": 1}), r"^frame has no string 't' \(message type\) field$"),
+        (msgpack.packb({"t": 5, "nonce": 1}), r"^frame has no string 't' \(message type\) field$"),
         (msgpack.packb({"t": "teleport"}), "unknown message type 'teleport'"),
         (msgpack.packb({"t": "ping"}), "'ping' message lacks field"),
         (msgpack.packb({"t": "part", "req": 1, "step": 1, "layer": 1, "rank": 0}), "lacks field.*phase, x"),
@@ -167,6 +168,25 @@ def test_frame_of_exactly_max_size_accepted():
 def test_bad_frames(body, problem):
     with pytest.raises(ProtocolError, match=problem):
         FrameDecoder().feed(frame_of(body))
+
+
+def test_invalid_msgpack_is_named_by_msgpack_s_own_error():
+    with pytest.raises(ProtocolError, match=f"^frame is not valid msgpack: {msgpack.ExtraData.__name__}: "):
+        decode_body(msgpack.packb({"t": "ping", "nonce": 1}) + b"\x01")
+
+
+def test_an_unknown_type_name_is_cut_to_40_characters_in_the_error():
+    kind = "0123456789" * 10  # peer-chosen text: the error (and so the log line) stays short
+    with pytest.raises(ProtocolError, match=re.escape(f"unknown message type {kind[:40]!r}") + "$"):
+        decode_body(msgpack.packb({"t": kind}))
+
+
+def test_a_frame_of_exactly_the_limit_is_sent():
+    msg = {"t": "pong", "nonce": b"x" * 10}
+    body = msgpack.packb(msg, use_bin_type=True)
+    assert encode_frame(msg, max_frame=len(body)) == frame_of(body)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        encode_frame(msg, max_frame=len(body) - 1)
 
 
 def test_every_type_requires_its_fields():
@@ -219,6 +239,12 @@ def test_tensor_record_round_trip():
 def test_check_tensor_rejects(record, problem):
     with pytest.raises(ProtocolError, match=problem):
         check_tensor(record, "hidden state")
+
+
+def test_check_tensor_accepts_up_to_8_dimensions():
+    assert check_tensor(tensor_record("uint8", [1] * 8, b"\x07")) == ("uint8", [1] * 8, b"\x07")
+    with pytest.raises(ProtocolError, match=r"^tensor has a malformed shape \[1, 1, 1, 1, 1, 1, 1, 1, 1\]$"):
+        check_tensor(tensor_record("uint8", [1] * 9, b"\x07"))  # unnamed: "tensor"
 
 
 def test_check_tensor_names_what():
@@ -380,6 +406,8 @@ def test_handshake_message_after_ready_refused(kind):
     with pytest.raises(ProtocolError, match=f"sent {kind!r} after the handshake"):
         a.receive_data(encode_frame(extra))
     assert a.state == "closed"
+    assert frames_in(a.data_to_send()) == [{"t": "error", "code": "protocol",
+                                            "reason": f"unexpected {kind!r} after the handshake"}]
 
 
 def test_second_hello_refused():
@@ -518,7 +546,7 @@ def test_eof_inside_a_frame_is_truncation():
 def test_eof_during_handshake():
     a, b = pair()
     a.start()
-    with pytest.raises(HandshakeError, match="peer closed the connection during the handshake"):
+    with pytest.raises(HandshakeError, match="^peer closed the connection during the handshake$"):
         a.receive_eof()
     b.start()
     b.receive_data(a.data_to_send())
@@ -527,8 +555,88 @@ def test_eof_during_handshake():
 
 
 def test_short_nonce_refused():
-    with pytest.raises(ValueError, match="at least 16"):
+    with pytest.raises(ValueError, match="^nonce must be at least 16 random bytes$"):
         Connection(SECRET, "alpha", b"x" * 15, initiator=True)
+    Connection(SECRET, "alpha", b"x" * 16, initiator=True)  # 16 is enough
+
+
+def test_a_peer_is_unknown_until_its_hello():
+    a, b = pair()
+    assert (a.peer_id, a.peer_info) == (None, {})
+    a.start()
+    b.start()
+    b.receive_data(a.data_to_send())
+    assert (b.peer_id, b.peer_info) == ("alpha", {"cores": 4})
+
+
+@pytest.mark.parametrize("info", [[1, 2], "cores", None])
+def test_a_hello_whose_info_is_not_a_map_gives_empty_peer_info(info):
+    a, _ = pair()
+    a.start()
+    hello = {"t": "hello", "version": PROTOCOL_VERSION, "node": "beta", "nonce": NONCE_B, "info": info}
+    a.receive_data(encode_frame(hello if info is not None else {k: v for k, v in hello.items() if k != "info"}))
+    assert a.state == "auth_sent" and a.peer_info == {}
+
+
+def test_a_16_byte_peer_nonce_is_enough():
+    a, _ = pair()
+    a.start()
+    a.receive_data(encode_frame({"t": "hello", "version": PROTOCOL_VERSION, "node": "beta", "nonce": b"n" * 16}))
+    assert a.state == "auth_sent"
+
+
+def test_byte_counters_count_exactly_what_moved():
+    a, b = pair()
+    a.start()
+    out = a.data_to_send()
+    assert a.bytes_out == len(out) and b.bytes_in == 0
+    b.receive_data(out)
+    assert b.bytes_in == len(out)
+
+
+def test_an_app_message_over_the_link_frame_limit_is_not_sent():
+    a = Connection(SECRET, "alpha", NONCE_A, initiator=True, max_frame=300)
+    b = Connection(SECRET, "beta", NONCE_B, initiator=False)
+    a.start()
+    b.start()
+    pump(a, b)
+    assert a.state == "ready"
+    with pytest.raises(ProtocolError, match="'pong' frame of .* exceeds the 300-byte frame limit"):
+        a.send({"t": "pong", "nonce": b"x" * 300})  # the peer would refuse it
+
+
+def test_a_refused_hello_tells_the_peer_why():
+    """The error frame a refused hello sends: its code selects the peer's exception, its reason is shown."""
+    a, _ = pair()
+    a.start()
+    a.data_to_send()
+    with pytest.raises(ProtocolError, match="^peer sent a malformed hello$"):
+        a.receive_data(encode_frame({"t": "hello", "version": PROTOCOL_VERSION, "node": 5, "nonce": NONCE_B}))
+    assert frames_in(a.data_to_send()) == [{"t": "error", "code": "protocol", "reason": "malformed hello"}]
+    c = Connection(SECRET, "alpha", NONCE_A, initiator=False)
+    c.start()
+    c.data_to_send()
+    with pytest.raises(AuthenticationError):
+        c.receive_data(encode_frame({"t": "hello", "version": PROTOCOL_VERSION, "node": "alpha", "nonce": NONCE_B}))
+    assert frames_in(c.data_to_send()) == [{"t": "error", "code": "auth",
+                                            "reason": "peer claims this device's own node id"}]
+
+
+def test_a_refusal_with_another_code_is_a_handshake_error_with_its_reason():
+    a, _ = pair()
+    a.start()
+    with pytest.raises(HandshakeError, match="^refused by the peer: busy$") as e:
+        a.receive_data(encode_frame({"t": "error", "code": "overloaded", "reason": "busy"}))
+    assert type(e.value) is HandshakeError
+    assert a.state == "closed"
+
+
+def test_eof_on_a_link_already_closed_is_not_an_error():
+    a, b = ready_pair()
+    b.send({"t": "ping", "nonce": 1})
+    a.receive_data(b.data_to_send()[:-1])  # a partial frame is pending ...
+    a.close_with_error("shutdown", "bye")  # ... when this side gives up on the link
+    a.receive_eof()
 
 
 # -- property: random splits of a random stream --------------------------------------------------------------

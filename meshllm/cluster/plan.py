@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Sequence
 
 from ..errors import PlanError
@@ -54,12 +55,14 @@ def _split(total: int, weights: Sequence[float], unit: int, minimum: int) -> lis
     n = len(weights)
     if units < n * minimum:
         raise PlanError(f"cannot give {n} devices at least {minimum} of {units} units each")
-    # devices whose proportional share falls under the minimum are pinned to it; the rest share what is left
+    # devices whose proportional share falls under the minimum are pinned to it; the rest share what is left.
+    # Exact fractions: in floats, two equal remainders can come out unequal and break the tie rule.
+    ws = [Fraction(w) for w in weights]
     pinned: set[int] = set()
     while True:
         free = units - minimum * len(pinned)
-        wsum = float(sum(weights[i] for i in range(n) if i not in pinned))
-        exact = [minimum if i in pinned else free * weights[i] / wsum for i in range(n)]
+        wsum = sum(ws[i] for i in range(n) if i not in pinned)
+        exact = [Fraction(minimum) if i in pinned else free * ws[i] / wsum for i in range(n)]
         low = {i for i in range(n) if i not in pinned and exact[i] < minimum}
         if not low:
             break
@@ -84,10 +87,11 @@ def block_bytes(config: ModelConfig, shard: Shard, dtype: str) -> tuple[int, int
     q, kv = shard.num_q * hd, (kv1 - kv0) * hd
     attn = d * (2 * q + 2 * kv) + d
     mlp = 3 * d * shard.num_mlp + d
+    owned = d if shard.owns_bias else 0  # the o_proj / down_proj bias lives on one shard only
     if config.attention_bias:
-        attn += q + 2 * kv + d
+        attn += q + 2 * kv + owned
     if config.mlp_bias:
-        mlp += 2 * shard.num_mlp + d
+        mlp += 2 * shard.num_mlp + owned
     return attn * b + FILE_SLACK, mlp * b + FILE_SLACK
 
 

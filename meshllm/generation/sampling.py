@@ -38,8 +38,40 @@ class SamplingParams:
             raise RequestError("stop strings must be non-empty")
 
 
+def penalized(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor) -> torch.Tensor:
+    """(V,) fp32 scores after the repetition penalty (CTRL's: a seen token's score moves toward -inf whatever its
+    sign)."""
+    scores = logits.float()
+    if params.repetition_penalty == 1.0:
+        return scores
+    r = params.repetition_penalty
+    return torch.where(seen[: scores.shape[0]], torch.where(scores < 0, scores * r, scores / r), scores)
+
+
+def next_token_probs(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor) -> torch.Tensor:
+    """(V,) logits and the (V,) mask of tokens seen so far -> (V,) fp32 probabilities of the next token.
+
+    Processors in transformers' order: repetition penalty, then temperature, top-k, top-p. Greedy (temperature 0)
+    puts all the mass on the argmax of the penalized scores.
+    """
+    scores = penalized(logits, params, seen)
+    if params.temperature == 0:
+        return torch.nn.functional.one_hot(torch.argmax(scores), scores.shape[0]).float()
+    scores = scores / params.temperature
+    if params.top_k:
+        kth = torch.topk(scores, min(params.top_k, scores.shape[0])).values[-1]
+        scores = scores.masked_fill(scores < kth, -torch.inf)
+    if params.top_p < 1.0:
+        ascending, order = torch.sort(scores)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - params.top_p)
+        drop[-1] = False  # always keep the most likely token
+        scores = scores.masked_fill(drop.scatter(0, order, drop), -torch.inf)
+    return scores.softmax(dim=-1)
+
+
 class Sampler:
-    """Picks the next token from fp32 logits; processors in transformers' order (penalty, temperature, k, p)."""
+    """Picks the next token from fp32 logits: draws from `next_token_probs`, seeded, and remembers what it picked."""
 
     def __init__(self, params: SamplingParams, vocab_size: int) -> None:
         self.params = params
@@ -48,34 +80,18 @@ class Sampler:
         self._seen = torch.zeros(vocab_size, dtype=torch.bool)
 
     def observe(self, ids: list[int]) -> None:
-        """Record tokens the repetition penalty applies to (the prompt, then each sampled token)."""
-        if ids and self.params.repetition_penalty != 1.0:
-            self._seen[torch.tensor(ids, dtype=torch.long)] = True
+        """Record tokens the repetition penalty applies to (the prompt; sampled tokens are recorded as drawn)."""
+        self._seen[torch.tensor(ids, dtype=torch.long)] = True
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(V,) logits -> the distribution the next call draws from (given the tokens seen so far)."""
+        return next_token_probs(logits, self.params, self._seen)
 
     def __call__(self, logits: torch.Tensor) -> int:
         """(V,) logits -> token id."""
-        p = self.params
-        scores = logits.float()
-        if p.repetition_penalty != 1.0 and self._seen.any():
-            seen = self._seen[: scores.shape[0]]
-            picked = scores[seen]
-            scores = scores.clone()
-            scores[seen] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
-        if p.temperature == 0:
-            token = int(torch.argmax(scores))
+        if self.params.temperature == 0:  # the argmax of next_token_probs' one-hot, without building it
+            token = int(torch.argmax(penalized(logits, self.params, self._seen)))
         else:
-            scores = scores / p.temperature
-            if p.top_k and p.top_k < scores.shape[0]:
-                kth = torch.topk(scores, p.top_k).values[-1]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            if p.top_p < 1.0:
-                sorted_scores, order = torch.sort(scores, descending=False)
-                cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-                drop = cumulative <= (1 - p.top_p)
-                drop[-1] = False  # always keep the most likely token
-                scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-            probs = scores.softmax(dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
-        if p.repetition_penalty != 1.0:
-            self._seen[token] = True
+            token = int(torch.multinomial(self.probs(logits), 1, generator=self.generator))
+        self._seen[token] = True
         return token

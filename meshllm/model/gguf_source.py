@@ -87,8 +87,8 @@ class GGUFSource:
         freq_factors = None
         if "rope_freqs.weight" in self._tensors:
             freq_factors = tuple(float(f) for f in self._dequant("rope_freqs.weight").reshape(-1))
-        scaling = md.get("llama.rope.scaling.type", "none")
-        rope_type = "linear" if scaling == "linear" else "default"
+        scaling = str(md.get("llama.rope.scaling.type", "none"))
+        rope_type = "default" if scaling in ("none", "") else scaling  # validate() refuses a type we cannot run
         eos = md.get("tokenizer.ggml.eos_token_id")
         eot = md.get("tokenizer.ggml.eot_token_id")
         config = ModelConfig(

@@ -1,8 +1,9 @@
 """The thin asyncio layer: a TCP link driven by the Sans-I/O Connection. It only moves bytes.
 
-Flow control: the kernel socket plus a bounded transport write buffer (a peer that leaves WRITE_LIMIT bytes
-unread is cut off); inbound, a message is handed to the owner's callback as soon as its frame completes, and the owner keeps
-every queue it fills bounded. TCP_NODELAY, because every frame on the data path is latency-bound.
+Flow control: the kernel socket plus a bounded transport write buffer (a peer that leaves `write_limit` bytes,
+WRITE_LIMIT by default, unread is cut off); inbound, a message is handed to the owner's callback as soon as its
+frame completes, and the owner keeps every queue it fills bounded. TCP_NODELAY, because every frame on the data
+path is latency-bound.
 
 Liveness: once authenticated, a link sends a `beat` frame whenever it has sent nothing for a while, and closes when
 its peer has sent nothing at all for `Timeouts.silence` seconds. A peer that hangs, sleeps or is cut off without a
@@ -39,7 +40,7 @@ class Timeouts:
     silence: float = 10.0  # nothing at all from the peer for this long: it is gone (must exceed 1.5 x its beat)
 
 
-WRITE_LIMIT = 256 * 2**20  # a peer this far behind is not reading: the link is closed
+WRITE_LIMIT = 256 * 2**20  # default: a peer this far behind is not reading: the link is closed
 
 
 class Link(asyncio.Protocol):
@@ -47,11 +48,12 @@ class Link(asyncio.Protocol):
 
     def __init__(self, conn: Connection, on_message: Callable[["Link", dict[str, Any]], None] | None = None,
                  on_close: Callable[["Link", BaseException | None], None] | None = None,
-                 timeouts: Timeouts = Timeouts()) -> None:
+                 timeouts: Timeouts = Timeouts(), write_limit: int = WRITE_LIMIT) -> None:
         self.conn = conn
         self.on_message = on_message
         self.on_close = on_close
         self.timeouts = timeouts
+        self.write_limit = write_limit
         self.transport: asyncio.Transport | None = None
         self.address = ""
         self.error: BaseException | None = None
@@ -109,9 +111,7 @@ class Link(asyncio.Protocol):
                     # a protocol violation (or a field of the wrong type): close this link only
                     if not isinstance(e, LinkError):
                         e = ProtocolError(f"malformed {msg.get('t')!r} message: {type(e).__name__}: {e}")
-                    self.conn.close_with_error("protocol", str(e))
-                    self._flush()
-                    self._fail(e)
+                    self.refuse(e)
                     return
 
     def eof_received(self) -> bool:
@@ -136,8 +136,10 @@ class Link(asyncio.Protocol):
         """Write an already framed message (one encoding shared by several links)."""
         if self.closed.done() or self.transport is None:
             raise self.error or DeviceLostError(f"link to {self.peer} is closed")
-        if self.transport.get_write_buffer_size() > WRITE_LIMIT:
-            err = ProtocolError(f"{self.peer} does not read what we send ({WRITE_LIMIT} bytes queued)")
+        queued = self.transport.get_write_buffer_size()
+        if queued > self.write_limit:
+            err = ProtocolError(f"{self.peer} does not read what we send ({queued} bytes queued, over the limit of "
+                                f"{self.write_limit})")
             self._fail(err)
             raise err
         self.transport.write(frame)
@@ -175,6 +177,12 @@ class Link(asyncio.Protocol):
         if not self.closed.done():
             self._finish(self.error or DeviceLostError(f"link to {self.peer} closed"))
 
+    def refuse(self, error: LinkError, code: str = "protocol") -> None:
+        """Close the link, telling the peer why in an error frame (it raises the reason as a RemoteError)."""
+        self.conn.close_with_error(code, str(error))
+        self._flush()
+        self._fail(error)
+
     def _fail(self, error: BaseException) -> None:
         log.info("closing link to %s: %s", self.peer, error)
         self.error = self.error or error
@@ -202,13 +210,13 @@ def new_connection(secret: bytes, node_id: str, *, initiator: bool, info: dict[s
 
 async def connect(host: str, port: int, secret: bytes, node_id: str, *, timeouts: Timeouts = Timeouts(),
                   info: dict[str, Any] | None = None, on_message=None, on_close=None,
-                  max_frame: int = DEFAULT_MAX_FRAME) -> Link:
+                  max_frame: int = DEFAULT_MAX_FRAME, write_limit: int = WRITE_LIMIT) -> Link:
     """Open an authenticated link to host:port (raises HandshakeError subclasses, DeviceLostError, timeouts)."""
     loop = asyncio.get_running_loop()
     conn = new_connection(secret, node_id, initiator=True, info=info, max_frame=max_frame)
     try:
-        _, link = await asyncio.wait_for(
-            loop.create_connection(lambda: Link(conn, on_message, on_close, timeouts), host, port), timeouts.connect)
+        _, link = await asyncio.wait_for(loop.create_connection(
+            lambda: Link(conn, on_message, on_close, timeouts, write_limit), host, port), timeouts.connect)
     except TimeoutError as e:
         raise MeshTimeoutError(f"connecting to {host}:{port} timed out after {timeouts.connect} s") from e
     except OSError as e:

@@ -27,10 +27,10 @@ from ..model.config import ModelConfig
 from ..model.loader import resolve_dtype
 from ..model.shard import Shard
 from ..model.default import cache_dir as default_cache_dir
-from ..scheduler.slices import SliceCache
+from ..scheduler.slices import BlockDamagedError, CacheError, SliceCache, block_name
 from .blocks import BlockStore
 from ..net.link import Link, Timeouts, connect, new_connection, parse_address
-from ..wire.frames import DEFAULT_MAX_FRAME
+from ..wire.frames import DEFAULT_MAX_FRAME, check_tensor
 from .executors import compute_executor, cpu_count, io_executor, set_torch_threads
 from .originator import peak_rss_bytes
 from .tensors import from_record, to_record
@@ -39,6 +39,7 @@ from .worker import ShardWorker
 log = logging.getLogger("meshllm.device")
 
 STEP_QUEUE = 8  # commands a session may have queued (begin/step/end); more is a protocol violation
+BLOCK_RETRIES = 2  # a streamed block that arrives damaged is asked for again this many times, then the load fails
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Session:
     current: asyncio.Task | None = None  # the running step
     finished_req: int = -1  # requests up to this id are over: their stray parts/sums are dropped
     open_req: int | None = None  # the request whose begin has arrived and whose end (or abort) has not
+    capacity: int = 0  # positions the last begin to arrive made room for (its steps are checked against it)
     attached: asyncio.Future | None = None  # on a worker: the hub accepted our attach
     slices: asyncio.Queue | None = None  # streamed block chunks, one in flight
     store: BlockStore | None = None
@@ -175,7 +177,7 @@ class Device:
 
     def _handshake_deadline(self, link: Link) -> None:
         if not link.ready.done():
-            link.close(MeshTimeoutError(f"no handshake within {self.timeouts.handshake} s"))
+            link.refuse(MeshTimeoutError(f"no handshake within {self.timeouts.handshake} s"), "timeout")
 
     def _on_close(self, link: Link, error: BaseException | None) -> None:
         self.links.discard(link)
@@ -213,7 +215,7 @@ class Device:
                 raise ProtocolError(f"more than {STEP_QUEUE} commands queued for session {session.id}") from None
             # a request is open from the arrival of its begin to the arrival of its end (queued or running)
             if kind == "begin":
-                session.open_req = msg["req"]
+                session.open_req, session.capacity = msg["req"], msg["capacity"]
             elif kind == "end" and session.open_req == msg["req"]:
                 session.open_req = None
         elif kind == "abort":
@@ -290,11 +292,14 @@ class Device:
             model_hash, dtype_name = str(msg["model_hash"]), str(msg["dtype"])
             dtype = resolve_dtype(dtype_name, config)
             shard.check(config)
-            if not (0 <= rank < world and 0 <= hub_rank < world) or sid in self.sessions \
-                    or not model_hash.isalnum():
+            if not (0 <= rank < world and 0 <= hub_rank < world):
                 raise ProtocolError(f"bad load for session {sid}: rank {rank}, world {world}, hub {hub_rank}")
+            if not model_hash.isalnum():  # it names a folder of the slice cache
+                raise ProtocolError(f"model hash {model_hash[:80]!r} is not alphanumeric")
+            if sid in self.sessions:  # two loads of one id in one burst both pass the check on arrival
+                raise ProtocolError(f"load for a bad or duplicate session id {sid!r}")
         except (TypeError, ValueError, IndexError, KeyError, MeshError) as e:
-            link.close(e if isinstance(e, ProtocolError) else ProtocolError(f"malformed load message: {e}"))
+            link.refuse(e if isinstance(e, ProtocolError) else ProtocolError(f"malformed load message: {e}"))
             return
         session = Session(sid, link, rank, world, hub_rank,
                           reduce=StarAllreduce(rank, world, hub_rank, self.timeouts.allreduce))
@@ -311,10 +316,16 @@ class Device:
             if missing:
                 log.info("session %s: fetching %d of %d blocks from the originator", sid, len(missing),
                          2 * config.num_layers)
+            for _ in range(BLOCK_RETRIES + 1):
+                if not missing:
+                    break
                 link.send({"t": "need", "session": sid, "blocks": missing})
-                for expected in missing:
-                    index, size = await self._receive_block(session, cache, expected)
-                    sizes[index] = size
+                got = {i: await self._receive_block(session, cache, i) for i in missing}
+                sizes.update({i: size for i, size in got.items() if size is not None})
+                missing = [i for i, size in got.items() if size is None]  # damaged in transit: asked for again
+            if missing:
+                raise CacheError(f"block {block_name(missing[0])} arrived damaged {BLOCK_RETRIES + 1} times "
+                                 f"(SHA-256 mismatch): the link or the originator's copy corrupts it")
             room = await loop.run_in_executor(self._io, page_cache_room, min(self.budget or 0, sum(sizes.values())))
             store = BlockStore(cache, sizes, config, shard, self.budget, self._io, self.read_rate, room)
             await store.start()
@@ -333,7 +344,9 @@ class Device:
             self.sessions.pop(sid, None)
             if store is not None:
                 store.close()
-            if link.is_open:
+            if link.is_open and isinstance(e, ProtocolError):
+                link.refuse(e)  # a malformed slice closes the link, like any malformed frame
+            elif link.is_open:
                 link.send({"t": "loaded", "session": sid, "error": f"{type(e).__name__}: {e}"})
             return
         finally:
@@ -342,8 +355,9 @@ class Device:
         link.send({"t": "loaded", "session": sid, "weight_bytes": store.total_bytes,
                    "resident_bytes": store.resident_bytes, "peak_rss_bytes": peak_rss_bytes()})
 
-    async def _receive_block(self, session: Session, cache: SliceCache, expected: int) -> tuple[int, int]:
-        """Write one streamed block (chunks acknowledged one by one) into the cache; returns (index, size)."""
+    async def _receive_block(self, session: Session, cache: SliceCache, expected: int) -> int | None:
+        """Write one streamed block (chunks acknowledged one by one) into the cache; returns its size, or None
+        when it arrived damaged (its SHA-256 differs) and must be asked for again."""
         loop = asyncio.get_running_loop()
         writer, index = None, None
         try:
@@ -364,11 +378,17 @@ class Device:
                     raise ProtocolError("slice data must be bytes")
                 await loop.run_in_executor(self._io, writer.write, msg["data"])
                 if msg.get("sha256"):
-                    digest = await loop.run_in_executor(self._io, writer.finish, str(msg["sha256"]))
-                    await loop.run_in_executor(self._io, cache.record, index, writer.size, digest)
+                    try:
+                        digest = await loop.run_in_executor(self._io, writer.finish, str(msg["sha256"]))
+                    except BlockDamagedError as e:
+                        log.warning("session %s: %s", session.id, e)
+                        digest = None
+                    else:
+                        await loop.run_in_executor(self._io, cache.record, index, writer.size, digest)
+                    # acknowledged either way: the originator finishes this round of blocks before a new `need`
                     session.originator.send({"t": "stored", "session": session.id, "block": index,
                                              "offset": writer.size, "done": True})
-                    return index, writer.size
+                    return writer.size if digest else None
                 session.originator.send({"t": "stored", "session": session.id, "block": index,
                                          "offset": writer.size, "done": False})
         except BaseException:
@@ -450,20 +470,21 @@ class Device:
             raise ProtocolError(f"begin capacity {msg['capacity']} outside 1..{context}")
         if msg["t"] == "step" and msg["start"] >= context:
             raise ProtocolError(f"step start {msg['start']} beyond the context of {context}")
+        if msg["t"] == "step":
+            _, shape, _ = check_tensor(msg["x"], "hidden state")
+            d = session.worker.config.hidden_size
+            if len(shape) != 3 or shape[0] != 1 or shape[2] != d or shape[1] == 0:
+                raise ProtocolError(f"hidden state of shape {shape}; this model needs [1, T, {d}]")
+            if msg["start"] + shape[1] > session.capacity:
+                raise ProtocolError(f"step covers positions {msg['start']}..{msg['start'] + shape[1]} but the "
+                                    f"request began with room for {session.capacity}")
 
     async def _step(self, session: Session, msg: dict[str, Any]) -> None:
         """One forward step over this shard: per layer, attention then MLP, each followed by an allreduce."""
         loop = asyncio.get_running_loop()
         req, step, start = int(msg["req"]), int(msg["step"]), int(msg["start"])
         t = time.perf_counter()
-        x = from_record(msg["x"], "hidden state").to(session.worker.dtype)
-        d = session.worker.config.hidden_size
-        if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != d or x.shape[1] == 0:
-            raise ProtocolError(f"hidden state of shape {list(x.shape)}; this model needs [1, T, {d}]")
-        capacity = session.worker.capacity
-        if start + x.shape[1] > capacity:
-            raise ProtocolError(f"step covers positions {start}..{start + x.shape[1]} but the request began with "
-                                f"room for {capacity}")
+        x = from_record(msg["x"], "hidden state").to(session.worker.dtype)  # its shape was checked on arrival
         session.stats.framing_s += time.perf_counter() - t
         add = None
         store = session.store

@@ -171,12 +171,13 @@ class MeshEngine(Originator):
             return data, hashlib.sha256(data).hexdigest()
 
         sent, t0, shown = 0, time.perf_counter(), -1
+        chunk = min(CHUNK, self.max_frame // 2)  # a chunk and its frame's fields fit this link's frame limit
         for n, index in enumerate(blocks):
             data, digest = await loop.run_in_executor(self._io, build, index)
-            for off in range(0, max(len(data), 1), CHUNK):
+            for off in range(0, max(len(data), 1), chunk):
                 msg = {"t": "slice", "session": self.session, "block": index, "offset": off,
-                       "data": data[off:off + CHUNK]}
-                if off + CHUNK >= len(data):
+                       "data": data[off:off + chunk]}
+                if off + chunk >= len(data):
                     msg["sha256"] = digest
                 m.link.send(msg)
                 await self._reply(m, ("stored",), self.timeouts.load, "storing a slice")

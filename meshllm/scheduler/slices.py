@@ -37,6 +37,10 @@ class CacheError(MeshError):
     """The slice cache cannot be written (disk full, permissions): names the folder and the fix."""
 
 
+class BlockDamagedError(CacheError):
+    """A streamed block's bytes do not match the SHA-256 the originator sent: it is asked for again."""
+
+
 def block_name(index: int) -> str:
     """Block index (2 * layer + phase) -> file name."""
     return f"L{index // 2:03d}.{BLOCK_KINDS[index % 2]}.safetensors"
@@ -279,8 +283,8 @@ class BlockWriter:
             raise _cache_error(e, self.folder) from e
         if digest != expected_sha256:
             self.abort()
-            raise CacheError(f"block {self.path.name} arrived corrupted (SHA-256 {digest[:12]} != "
-                             f"{expected_sha256[:12]}); it will be fetched again")
+            raise BlockDamagedError(f"block {self.path.name} arrived corrupted (SHA-256 {digest[:12]} != "
+                                    f"{expected_sha256[:12]}); it will be fetched again")
         os.replace(self.tmp, self.path)
         return digest
 
