@@ -41,13 +41,14 @@ class Mesh:
     model: a Hugging Face folder or .gguf (default: $MESHLLM_MODEL, else the embedded SmolLM2-135M-Instruct).
     secret: the mesh secret (default: $MESHLLM_SECRET). min_devices: wait for this many (default 1: with none
     found, run here alone). timeout: seconds to wait for them. interface: browse on this address only (default:
-    $MESHLLM_INTERFACE, else every interface).
+    $MESHLLM_INTERFACE, else every interface). quantize: the weight format, as `--quantize` (default:
+    $MESHLLM_QUANTIZE, else the model's own: a quantized GGUF kept packed, anything else dense).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, secret: str | bytes | None = None,
                  min_devices: int = 1, timeout: float = 5.0, interface: str | None = None,
                  dtype: str | None = None, threads: int | None = None, memory_budget: int | None = None,
-                 timeouts: Timeouts = Timeouts()) -> None:
+                 timeouts: Timeouts = Timeouts(), quantize: str | None = None) -> None:
         if min_devices < 0:
             raise MeshError(f"min_devices must be 0 or more, got {min_devices}")
         if timeout <= 0:
@@ -59,6 +60,7 @@ class Mesh:
         self.timeout = timeout
         self.interface = interface or os.environ.get("MESHLLM_INTERFACE") or None
         self.dtype, self.threads, self.memory_budget, self.timeouts = dtype, threads, memory_budget, timeouts
+        self.quantize = quantize or os.environ.get("MESHLLM_QUANTIZE") or None
         self.mesh_id: str | None = None
         self.ready_s = 0.0  # entering the context: discovery + plan + load
         self._browser = None
@@ -92,7 +94,7 @@ class Mesh:
                 self._browser = await self._stack.enter_async_context(Browser(self.interface))
                 # the head and tokenizer load while the devices are being found
                 engine = MeshEngine(self.model, [], self._secret, dtype=self.dtype, threads=self.threads,
-                                    timeouts=self.timeouts, memory_budget=self.memory_budget,
+                                    timeouts=self.timeouts, memory_budget=self.memory_budget, quantize=self.quantize,
                                     skip_unreachable=True, defer=True)
                 loading = asyncio.ensure_future(engine.__aenter__())
                 try:
@@ -173,7 +175,7 @@ class Mesh:
                 return
             if self._secret:
                 log.warning("no device of this mesh found on the LAN: running on this device alone")
-            engine = LocalEngine(self.model, dtype=self.dtype, threads=self.threads)
+            engine = LocalEngine(self.model, dtype=self.dtype, threads=self.threads, quantize=self.quantize)
             await engine.__aenter__()
             await self._drop_engine()
             self._engine, self._records = engine, []
@@ -183,7 +185,7 @@ class Mesh:
             await self._engine.replan(addresses)
         else:
             engine = MeshEngine(self.model, addresses, self._secret, dtype=self.dtype, threads=self.threads,
-                                timeouts=self.timeouts, memory_budget=self.memory_budget, skip_unreachable=True)
+                                timeouts=self.timeouts, memory_budget=self.memory_budget, quantize=self.quantize, skip_unreachable=True)
             await engine.__aenter__()
             await self._drop_engine()
             self._engine = engine

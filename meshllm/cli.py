@@ -37,6 +37,15 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+def _quantize(text: str):
+    from .model.weights import Format
+
+    try:
+        return Format.parse(text)
+    except MeshError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("quantize ")) from None
+
+
 _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2, "MIB": 1024**2,
           "G": 1000**3, "GB": 1000**3, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4, "TIB": 1024**4}
 
@@ -96,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: the checkpoint's; float32 for GGUF)")
     g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="torch compute threads (default: every core; with --local-devices, the cores shared out)")
+    g.add_argument("--quantize", type=_quantize, metavar="FORMAT",
+                   help="weight format: int8, int4, int4:64, int4:128 (quantized as each device's slices are cut), "
+                        "gguf (a GGUF's own 4- and 8-bit formats, kept packed) or none (dense) (default: gguf for a "
+                        "quantized GGUF, none otherwise)")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, ids and timings")
     where = g.add_mutually_exclusive_group()
     where.add_argument("--local-devices", type=_positive_int, metavar="N",
@@ -219,12 +232,12 @@ async def _engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitSt
                          memory_budget=args.memory_budget, read_rate=args.read_rate))
         return await stack.enter_async_context(
             MeshEngine(model, addresses, secret, dtype=args.dtype, weights=weights, threads=args.threads,
-                       memory_budget=args.memory_budget))
+                       memory_budget=args.memory_budget, quantize=args.quantize))
     if args.devices:
         addresses = [a for a in args.devices.split(",") if a.strip()]
         return await stack.enter_async_context(
             MeshEngine(model, addresses, secret_bytes(args.secret), dtype=args.dtype, weights=weights,
-                       threads=args.threads, memory_budget=args.memory_budget))
+                       threads=args.threads, memory_budget=args.memory_budget, quantize=args.quantize))
     secret = args.secret or os.environ.get("MESHLLM_SECRET")
     if secret:  # no addresses given: find the devices of this mesh on the LAN
         from .app import Mesh
@@ -232,12 +245,13 @@ async def _engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitSt
         mesh = await stack.enter_async_context(Mesh(model, secret=secret, min_devices=args.min_devices,
                                                     timeout=args.discover_timeout, interface=args.interface,
                                                     dtype=args.dtype, threads=args.threads,
-                                                    memory_budget=args.memory_budget))
+                                                    memory_budget=args.memory_budget, quantize=args.quantize))
         return mesh._engine
     if args.memory_budget:
         raise MeshError("--memory-budget applies to mesh devices: add --local-devices N (N=1 works) or --devices")
     log.info("no --devices, --local-devices or mesh secret: running on this device alone")
-    return await stack.enter_async_context(LocalEngine(model, dtype=args.dtype, threads=args.threads))
+    return await stack.enter_async_context(LocalEngine(model, dtype=args.dtype, threads=args.threads,
+                                                       quantize=args.quantize))
 
 
 async def _check_local_plan(args: argparse.Namespace, model) -> None:
@@ -245,20 +259,21 @@ async def _check_local_plan(args: argparse.Namespace, model) -> None:
     from .cluster.plan import human_bytes, local_memory_need
     from .discovery.probe import available_memory
     from .errors import PlanError
-    from .model.loader import resolve_dtype
+    from .model.loader import format_sizes, resolve_dtype, resolve_format
     from .model.source import open_model
 
-    def config_of():
+    def sizes_of():
         src = open_model(model)
         try:
-            return src.config
+            return src.config, format_sizes(resolve_format(args.quantize, src), src,
+                                            resolve_dtype(args.dtype, src.config))
         finally:
             src.close()
 
-    config = await asyncio.get_running_loop().run_in_executor(None, config_of)
-    dtype = str(resolve_dtype(args.dtype, config)).replace("torch.", "")
+    config, sizes = await asyncio.get_running_loop().run_in_executor(None, sizes_of)
     n = args.local_devices
-    need = local_memory_need(config, n, dtype, args.memory_budget)
+    need = local_memory_need(config, n, sizes, args.memory_budget)
+    dtype = str(sizes)
     have = available_memory()
     if need > have:
         raise PlanError(f"{n} local devices need about {human_bytes(need)} of memory (each process's runtime and its "

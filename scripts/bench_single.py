@@ -47,7 +47,7 @@ def gemv_bandwidth(dtype: torch.dtype, mbytes: int = 512, reps: int = 7) -> floa
 def token_weight_bytes(engine: LocalEngine) -> int:
     """Bytes one decode step reads: every decoder block and the LM head (the embedding reads one row)."""
     h = engine.head
-    return engine.worker.weight_bytes() + h.lm_head.numel() * h.lm_head.element_size() + h.norm.numel() * 4
+    return engine.worker.weight_bytes() + h.lm_head.nbytes() + h.norm.numel() * h.norm.element_size()
 
 
 async def run_ours(engine: LocalEngine, ids: list[int], n: int) -> tuple[float, float, list[int]]:

@@ -212,7 +212,7 @@ def load(cluster: Cluster, sid, *, world: int = 1, rank: int = 0, **fields) -> d
     """A load of a shard the devices have cached, with `fields` changed."""
     shard = fields.pop("shard") if "shard" in fields else cluster.shards[world][rank]
     return {"t": "load", "session": sid, "model_hash": cluster.model_hash, "config": cluster.config,
-            "dtype": cluster.dtype, "shard": shard, "rank": rank, "world": world, "hub": 0, **fields}
+            "dtype": cluster.dtype, "format": "dense", "shard": shard, "rank": rank, "world": world, "hub": 0, **fields}
 
 
 def begin(sid, req=1, capacity=4) -> dict:

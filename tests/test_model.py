@@ -97,7 +97,7 @@ def test_partials_over_uneven_shards_sum_to_the_whole(make_model):
             workers = [ShardWorker.load(src, s, torch.float32) for s in shards]
             for w in workers:
                 w.begin(8)
-            x = embed(head, ids)
+            x = embed(head, ids, torch.float32)
             for layer in range(c.num_layers):
                 x = x + sum(w.attn(layer, x, 0) for w in workers)
                 x = x + sum(w.mlp(layer, x) for w in workers)

@@ -23,6 +23,7 @@ from meshllm.cluster.plan import (
     human_bytes,
     layer_bytes,
     local_memory_need,
+    Sizes,
     make_plan,
     mlp_alignment,
 )
@@ -267,7 +268,7 @@ def test_block_and_layer_bytes_are_what_the_loader_holds(c, dtype):
     src = MetaCheckpoint(c)
     for weights in [(1,), (3, 1), (1, 1000), (1, 2, 3, 4, 5)]:
         plan = make_plan(c, devices(*weights), dtype)
-        assert plan.dtype == dtype
+        assert plan.sizes == Sizes(dtype)
         for s, planned in zip(plan.shards, plan.shard_bytes):
             attn = load_attn_block(src, 0, s, DTYPES[dtype]).nbytes()
             mlp = load_mlp_block(src, 0, s, DTYPES[dtype]).nbytes()

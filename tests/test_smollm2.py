@@ -25,7 +25,8 @@ def hf_smollm2(smollm2_gguf):
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(smollm2_gguf):
-    async with LocalEngine(smollm2_gguf) as e:
+    """The file dequantized to fp32, as transformers loads it (the packed formats are tests/test_smollm2_packed.py)."""
+    async with LocalEngine(smollm2_gguf, quantize="none") as e:
         yield e
 
 

@@ -35,7 +35,7 @@ class Plan:
     shards: tuple[Shard, ...]
     devices: tuple[DeviceSpec, ...]
     hub: int
-    dtype: str
+    sizes: Sizes
     shard_bytes: tuple[int, ...] = field(default=())
 
     @property
@@ -44,8 +44,8 @@ class Plan:
 
     def share(self, rank: int, config: ModelConfig) -> float:
         """Fraction of the decoder weights rank holds (kv projections counted where replicated)."""
-        total = layer_bytes(config, Shard.full(config), self.dtype)
-        return layer_bytes(config, self.shards[rank], self.dtype) / total
+        total = layer_bytes(config, Shard.full(config), self.sizes)
+        return layer_bytes(config, self.shards[rank], self.sizes) / total
 
 
 def _split(total: int, weights: Sequence[float], unit: int, minimum: int) -> list[int]:
@@ -77,34 +77,82 @@ def _split(total: int, weights: Sequence[float], unit: int, minimum: int) -> lis
 
 
 FILE_SLACK = 16 * 1024  # a block file's safetensors header, with room to spare
+FAMILIES = ("qkv", "o", "w13", "w2", "head")
 
 
-def block_bytes(config: ModelConfig, shard: Shard, dtype: str) -> tuple[int, int]:
+@dataclass(frozen=True)
+class Sizes:
+    """How a format stores the weights, for their bytes and the splits its kernels allow: `dtype` (the compute
+    dtype: norms, and every matrix of a dense format) and, per matrix family (q|k|v, o, gate|up, down, the
+    embedding/LM head), 'dense', 'int8' (a byte a weight and a scale per row) or 'int4:G' (half a byte a weight
+    and a bf16 scale and zero per group of G). Quantized formats keep their dense matrices and biases in bf16."""
+
+    dtype: str = "float32"
+    kinds: tuple[tuple[str, str], ...] = ()  # (family, kind); families not named are dense
+
+    @classmethod
+    def of(cls, dtype: "str | Sizes") -> "Sizes":
+        return dtype if isinstance(dtype, Sizes) else cls(dtype)
+
+    def kind(self, family: str) -> str:
+        return dict(self.kinds).get(family, "dense")
+
+    @property
+    def quantized(self) -> bool:
+        return any(k != "dense" for _, k in self.kinds)
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes of a bias value, or of a weight kept dense."""
+        return 2 if self.quantized else DTYPE_SIZES.get(self.dtype, 4)
+
+    def matrix(self, n: int, k: int, family: str) -> int:
+        kind = self.kind(family)
+        if kind == "int8":
+            return n * k + 2 * n
+        if kind.startswith("int4:"):
+            return n * k // 2 + 4 * n * (k // int(kind[5:]))
+        return n * k * self.act_bytes
+
+    def k_unit(self, family: str) -> int:
+        """Input columns of a family's matrix come in multiples of this (int4 groups; int8's 16)."""
+        kind = self.kind(family)
+        return int(kind[5:]) if kind.startswith("int4:") else 16 if kind == "int8" else 1
+
+    def __str__(self) -> str:
+        kinds = sorted({k for _, k in self.kinds if k != "dense"})
+        return "+".join(kinds) if kinds else self.dtype
+
+
+def block_bytes(config: ModelConfig, shard: Shard, dtype: "str | Sizes") -> tuple[int, int]:
     """Bytes of one layer's attention block and MLP block of a shard as files (the scheduler's unit)."""
-    b = DTYPE_SIZES.get(dtype, 4)
+    z = Sizes.of(dtype)
+    b, a = DTYPE_SIZES.get(z.dtype, 4), z.act_bytes
     d, hd = config.hidden_size, config.head_dim
     kv0, kv1 = shard.kv_range(config)
     q, kv = shard.num_q * hd, (kv1 - kv0) * hd
-    attn = d * (2 * q + 2 * kv) + d
-    mlp = 3 * d * shard.num_mlp + d
+    attn = z.matrix(q + 2 * kv, d, "qkv") + z.matrix(d, q, "o") + d * b
+    mlp = z.matrix(2 * shard.num_mlp, d, "w13") + z.matrix(d, shard.num_mlp, "w2") + d * b
     owned = d if shard.owns_bias else 0  # the o_proj / down_proj bias lives on one shard only
     if config.attention_bias:
-        attn += q + 2 * kv + owned
+        attn += (q + 2 * kv + owned) * a
     if config.mlp_bias:
-        mlp += 2 * shard.num_mlp + owned
-    return attn * b + FILE_SLACK, mlp * b + FILE_SLACK
+        mlp += (2 * shard.num_mlp + owned) * a
+    return attn + FILE_SLACK, mlp + FILE_SLACK
 
 
-def layer_bytes(config: ModelConfig, shard: Shard, dtype: str) -> int:
+def layer_bytes(config: ModelConfig, shard: Shard, dtype: "str | Sizes") -> int:
     """Bytes of one shard's weights over all layers (norms and biases included)."""
     return config.num_layers * (sum(block_bytes(config, shard, dtype)) - 2 * FILE_SLACK)
 
 
-def head_bytes(config: ModelConfig, dtype: str) -> int:
-    """Bytes of the originator's embedding, final norm and LM head."""
-    b = DTYPE_SIZES.get(dtype, 4)
-    n = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-    return (n + config.hidden_size) * b
+def head_bytes(config: ModelConfig, dtype: "str | Sizes") -> int:
+    """Bytes of the originator's embedding, final norm and LM head (a tied int4 head keeps a second copy in the
+    kernel's layout; a tied int8 or dense one shares the embedding's)."""
+    z = Sizes.of(dtype)
+    table = z.matrix(config.vocab_size, config.hidden_size, "head")
+    second = not config.tie_word_embeddings or z.kind("head").startswith("int4:")
+    return table * (2 if second else 1) + config.hidden_size * DTYPE_SIZES.get(z.dtype, 4)
 
 
 def mlp_alignment(config: ModelConfig, world: int) -> int:
@@ -115,30 +163,42 @@ def mlp_alignment(config: ModelConfig, world: int) -> int:
     return 1
 
 
-def make_plan(config: ModelConfig, devices: Sequence[DeviceSpec], dtype: str, hub: int | None = None) -> Plan:
-    """Split every layer over `devices` in proportion to their weights; fails early with the reason."""
+def make_plan(config: ModelConfig, devices: Sequence[DeviceSpec], dtype: "str | Sizes",
+              hub: int | None = None) -> Plan:
+    """Split every layer over `devices` in proportion to their weights; fails early with the reason.
+
+    Splits fall where the format's kernels can take them: o_proj's input columns (whole heads) and down_proj's
+    (MLP columns) on whole int4 groups or int8's 16."""
+    z = Sizes.of(dtype)
     n = len(devices)
     if n == 0:
         raise PlanError("no devices to plan over")
-    if n > config.num_heads:
+    o_unit = z.k_unit("o")
+    head_unit = o_unit // math.gcd(o_unit, config.head_dim)  # heads whose o_proj columns make whole groups
+    if n > config.num_heads // head_unit:
+        if head_unit == 1:
+            raise PlanError(
+                f"{n} devices but the model has only {config.num_heads} attention heads: every device needs at "
+                f"least one; use at most {config.num_heads} devices")
         raise PlanError(
-            f"{n} devices but the model has only {config.num_heads} attention heads: every device needs at least "
-            f"one; use at most {config.num_heads} devices"
-        )
+            f"{n} devices but with {z.kind('o')} weights the {config.num_heads} attention heads split in units of "
+            f"{head_unit} (o_proj columns in groups of {o_unit}): use at most {config.num_heads // head_unit} devices, "
+            f"or a smaller int4 group")
     if any(not (d.weight > 0 and math.isfinite(d.weight)) for d in devices):
         raise PlanError("every device's capability weight must be a positive finite number, got "
                         + ", ".join(f"{d.name}={d.weight}" for d in devices))
     weights = [d.weight for d in devices]
-    heads = _split(config.num_heads, weights, 1, 1)
-    cols = _split(config.intermediate_size, weights, mlp_alignment(config, n), 0)
+    heads = _split(config.num_heads, weights, head_unit, 1)
+    mlp_unit = math.lcm(mlp_alignment(config, n), z.k_unit("w2"))
+    cols = _split(config.intermediate_size, weights, mlp_unit, 0)
     shards, q, c = [], 0, 0
     for rank in range(n):
         shards.append(Shard(q, q + heads[rank], c, c + cols[rank], owns_bias=rank == 0))
         q += heads[rank]
         c += cols[rank]
-    sizes = tuple(layer_bytes(config, s, dtype) for s in shards)
+    sizes = tuple(layer_bytes(config, s, z) for s in shards)
     for dev, shard in zip(devices, shards):
-        smallest = max(block_bytes(config, shard, dtype))
+        smallest = max(block_bytes(config, shard, z))
         if dev.budget_bytes is not None and dev.budget_bytes < smallest:
             raise PlanError(
                 f"device {dev.name}'s memory budget of {human_bytes(dev.budget_bytes)} cannot hold even one block of "
@@ -147,14 +207,14 @@ def make_plan(config: ModelConfig, devices: Sequence[DeviceSpec], dtype: str, hu
             )
     if hub is None:
         hub = elect_hub(devices)
-    return Plan(tuple(shards), tuple(devices), hub, dtype, sizes)
+    return Plan(tuple(shards), tuple(devices), hub, z, sizes)
 
 
 # a device process before any weight: Python, torch and the runtime (an idle `meshllm join` measured 229 MiB of RSS)
 PROCESS_BYTES = 256 * 2**20
 
 
-def local_memory_need(config: ModelConfig, n: int, dtype: str, budget: int | None = None) -> int:
+def local_memory_need(config: ModelConfig, n: int, dtype: "str | Sizes", budget: int | None = None) -> int:
     """Memory that `n` device processes on this machine plus the originator take at least: each process's
     runtime, each device's weights (its budget where that is less) and the originator's head. Raises PlanError
     when no plan over `n` devices exists (too many devices for the heads, a budget below one block)."""

@@ -86,7 +86,7 @@ class GGUFSource:
             int(embd.dims[1]) if embd is not None and len(embd.dims) > 1 else 0)
         freq_factors = None
         if "rope_freqs.weight" in self._tensors:
-            freq_factors = tuple(float(f) for f in self._dequant("rope_freqs.weight").reshape(-1))
+            freq_factors = tuple(float(f) for f in self.get("rope_freqs.weight").reshape(-1))
         scaling = str(md.get("llama.rope.scaling.type", "none"))
         rope_type = "default" if scaling in ("none", "") else scaling  # validate() refuses a type we cannot run
         eos = md.get("tokenizer.ggml.eos_token_id")
@@ -118,31 +118,60 @@ class GGUFSource:
         config.validate(src)
         return config
 
+    def matrix_types(self) -> set[int]:
+        """The GGML types of the file's 2-D tensors (its weight matrices)."""
+        return {t.ggml_type for t in self._tensors.values() if len(t.dims) == 2}
+
+    def raw_type(self, name: str) -> int:
+        """The GGML type a tensor is stored in."""
+        gname = gguf_name(name)
+        if gname not in self._tensors:
+            raise MissingTensorError(f"tensor {gname!r} ({name}) is missing from {self.path}")
+        return self._tensors[gname].ggml_type
+
     def has(self, name: str) -> bool:
         return gguf_name(name) in self._tensors
 
-    def _dequant(self, gname: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        import gguf
-
+    def raw(self, name: str, rows: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
+        """Rows of a tensor as stored, and its GGML type: F32/F16 as floats (rows, cols), other types as their raw
+        bytes (rows, bytes per row; a row is whole blocks). q and k rows come in transformers' order."""
+        gname = gguf_name(name)
+        if gname not in self._tensors:
+            raise MissingTensorError(f"tensor {gname!r} ({name}) is missing from {self.path}")
         t = self._tensors[gname]
         data = tensor_array(self._map, t)
         if rows is not None:
             data = data[rows[0]:rows[1]]
-        # quantized rows are whole blocks, so a row slice of the raw bytes dequantizes on its own
+        if gname.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+            # GGUF interleaves each head's rotary halves; rows stay inside their head, so undo per head (a raw row
+            # of blocks moves as a whole)
+            hd = self.config.head_dim
+            data = data.reshape(data.shape[0] // hd, hd // 2, 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+        return data, t.ggml_type
+
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """float32 rows `index` of a 2-D tensor, read from the file's pages (only those rows), dequantized by the
+        gguf package (the reference)."""
+        import gguf
+
+        gname = gguf_name(name)
+        if gname not in self._tensors:
+            raise MissingTensorError(f"tensor {gname!r} ({name}) is missing from {self.path}")
+        t = self._tensors[gname]
+        data = tensor_array(self._map, t)[index]
+        if data.dtype != np.uint8:
+            return data.astype(np.float32)
         return np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType(t.ggml_type)), dtype=np.float32)
 
     def get(self, name: str, rows: tuple[int, int] | None = None,
             cols: tuple[int, int] | None = None) -> torch.Tensor:
-        gname = gguf_name(name)
-        if gname not in self._tensors:
-            raise MissingTensorError(f"tensor {gname!r} ({name}) is missing from {self.path}")
-        w = self._dequant(gname, rows)
+        import gguf
+
+        data, qtype = self.raw(name, rows)  # quantized rows are whole blocks: a row slice dequantizes on its own
+        w = data.astype(np.float32) if data.dtype != np.uint8 else np.asarray(
+            gguf.quants.dequantize(data, gguf.GGMLQuantizationType(qtype)), dtype=np.float32)
         if cols is not None:
             w = w[:, cols[0]:cols[1]]
-        if gname.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
-            # GGUF interleaves each head's rotary halves; rows stay inside their head, so undo per head
-            hd = self.config.head_dim
-            w = w.reshape(w.shape[0] // hd, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
         w = np.ascontiguousarray(w)
         if not w.flags.writeable:  # plain F32 tensors come straight from the read-only memory map
             w = w.copy()

@@ -13,6 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig, RopeConfig
+from .weights import FileRows, Table, Weight
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass
@@ -20,9 +25,9 @@ class AttnBlock:
     """One layer's attention slice: norm, fused q|k|v rows, o_proj columns."""
 
     norm: torch.Tensor  # (d,)
-    wqkv: torch.Tensor  # ((nq + 2 nkv) hd, d)
+    wqkv: Weight  # ((nq + 2 nkv) hd, d)
     bqkv: torch.Tensor | None
-    wo: torch.Tensor  # (d, nq hd)
+    wo: Weight  # (d, nq hd)
     bo: torch.Tensor | None  # only on the shard that owns the bias
     num_q: int
     num_kv: int
@@ -31,8 +36,7 @@ class AttnBlock:
     kv_index: torch.Tensor | None  # local kv head of each local q head, when not a uniform grouping
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.norm, self.wqkv, self.bqkv, self.wo, self.bo)
-                   if t is not None)
+        return self.wqkv.nbytes() + self.wo.nbytes() + _nbytes(self.norm, self.bqkv, self.bo)
 
 
 @dataclass
@@ -40,29 +44,29 @@ class MlpBlock:
     """One layer's MLP slice: norm, fused gate|up rows, down_proj columns."""
 
     norm: torch.Tensor  # (d,)
-    w13: torch.Tensor  # (2c, d): gate rows then up rows
+    w13: Weight  # (2c, d): gate rows then up rows
     b13: torch.Tensor | None
-    w2: torch.Tensor  # (d, c)
+    w2: Weight  # (d, c)
     b2: torch.Tensor | None
     eps: float
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.norm, self.w13, self.b13, self.w2, self.b2)
-                   if t is not None)
+        return self.w13.nbytes() + self.w2.nbytes() + _nbytes(self.norm, self.b13, self.b2)
 
 
 @dataclass
 class HeadWeights:
-    """The originator's weights: token embedding, final norm, LM head (may share the embedding)."""
+    """The originator's weights: token embedding, final norm, LM head (may share the embedding's storage)."""
 
-    embed: torch.Tensor  # (V, d)
+    embed: Table  # (V, d) rows looked up
     norm: torch.Tensor  # (d,)
-    lm_head: torch.Tensor  # (V, d)
+    lm_head: Weight  # (V, d)
     eps: float
+    exact: "FileRows | None" = None  # the LM head's exact rows, for a quantized head's likeliest tokens
 
     def nbytes(self) -> int:
-        tensors = {id(t): t for t in (self.embed, self.norm, self.lm_head)}
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        return self.embed.nbytes() + _nbytes(self.norm) + (0 if self.embed.shares(self.lm_head)
+                                                          else self.lm_head.nbytes())
 
 
 class LayerKV:
@@ -95,14 +99,18 @@ class Rotary:
         self._cos = self._sin = torch.empty(0)
 
     def cos_sin(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T, hd) cos and sin for positions start..start+length, cast to the activation dtype."""
+        """(T, 1, hd) cos and signed sin for positions start..start+length, in the activation dtype.
+
+        The sin's first half is negated, so that rotating half of x is a swap of its halves times this sin: the same
+        values as transformers' `x * cos + rotate_half(x) * sin`, with one op fewer per rotation."""
         end = start + length
         if end > self._cos.shape[0]:
             n = max(end, 2 * self._cos.shape[0], 256)
             freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._cos, self._sin = emb.cos(), emb.sin()
-        return self._cos[start:end].to(dtype), self._sin[start:end].to(dtype)
+            half = emb.shape[-1] // 2
+            self._cos, self._sin = emb.cos(), torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), dim=-1)
+        return self._cos[start:end, None].to(dtype), self._sin[start:end, None].to(dtype)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, max_positions: int) -> torch.Tensor:
@@ -126,21 +134,24 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, max_positions: int) -> torch.
     return inv_freq
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in fp32, scaled in the activation dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RMSNorm in fp32, scaled in the residual dtype (transformers' order), then cast to `dtype` (the matmul's
+    activations, when they differ from the residual stream's)."""
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    h = weight * h.to(x.dtype)
+    return h if dtype is None or dtype == h.dtype else h.to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of (..., T, H, hd) with Rotary.cos_sin's (T, 1, hd) tables."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def embed(head: HeadWeights, ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) token ids -> (B, T, d) hidden states."""
-    return F.embedding(ids, head.embed)
+def embed(head: HeadWeights, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) token ids -> (B, T, d) hidden states in the residual dtype."""
+    return head.embed.lookup(ids, dtype)
 
 
 def attn_partial(blk: AttnBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV,
@@ -150,13 +161,12 @@ def attn_partial(blk: AttnBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.
     nq, nkv, hd = blk.num_q, blk.num_kv, blk.head_dim
     if nq == 0:
         return torch.zeros_like(x) if blk.bo is None else blk.bo.expand_as(x).clone()
-    h = rms_norm(x, blk.norm, blk.eps)
-    q, k, v = F.linear(h, blk.wqkv, blk.bqkv).split((nq * hd, nkv * hd, nkv * hd), dim=-1)
-    q = q.view(B, T, nq, hd).transpose(1, 2)  # (B, nq, T, hd)
-    k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-    v = v.view(B, T, nkv, hd).transpose(1, 2)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    h = rms_norm(x, blk.norm, blk.eps, blk.wqkv.dtype)
+    qkv = blk.wqkv(h, blk.bqkv).view(B, T, nq + 2 * nkv, hd)
+    qk = rotate(qkv[:, :, :nq + nkv], cos, sin)  # q and k heads rotated together
+    q = qk[:, :, :nq].transpose(1, 2)  # (B, nq, T, hd)
+    k = qk[:, :, nq:].transpose(1, 2)  # (B, nkv, T, hd)
+    v = qkv[:, :, nq + nkv:].transpose(1, 2)
     keys, values = cache.update(k, v, start)  # (B, nkv, start + T, hd)
     gqa = nq != nkv
     if blk.kv_index is not None:
@@ -172,21 +182,24 @@ def attn_partial(blk: AttnBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.
         mask = torch.ones(T, start + T, dtype=torch.bool).tril(diagonal=start)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
     o = o.transpose(1, 2).reshape(B, T, nq * hd)
-    return F.linear(o, blk.wo, blk.bo)
+    return blk.wo(o, blk.bo)
 
 
 def mlp_partial(blk: MlpBlock, x: torch.Tensor) -> torch.Tensor:
     """(B, T, d) residual stream -> (B, T, d) this shard's share of the SwiGLU MLP output."""
-    if blk.w2.shape[1] == 0:
+    if blk.w2.in_features == 0:
         return torch.zeros_like(x) if blk.b2 is None else blk.b2.expand_as(x).clone()
-    h = rms_norm(x, blk.norm, blk.eps)
-    gate, up = F.linear(h, blk.w13, blk.b13).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, blk.w2, blk.b2)
+    h = rms_norm(x, blk.norm, blk.eps, blk.w13.dtype)
+    gate, up = blk.w13(h, blk.b13).chunk(2, dim=-1)
+    return blk.w2(F.silu(gate) * up, blk.b2)
 
 
-def logits(head: HeadWeights, x: torch.Tensor) -> torch.Tensor:
-    """(B, T, d) final hidden states -> (B, T, V) fp32 logits."""
-    return F.linear(rms_norm(x, head.norm, head.eps), head.lm_head).float()
+def logits(head: HeadWeights, x: torch.Tensor, also: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, d) final hidden states -> (B, T, V) fp32 logits (exact for the likeliest tokens of a quantized head,
+    and for the token ids `also`)."""
+    h = rms_norm(x, head.norm, head.eps)
+    out = head.lm_head(h.to(head.lm_head.dtype)).float()
+    return out if head.exact is None else head.exact.rescore(h, out, also)
 
 
 def kv_index_for(config: ModelConfig, q_start: int, q_stop: int) -> torch.Tensor | None:

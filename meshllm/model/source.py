@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError, MissingTensorError, ModelFileError
@@ -71,6 +73,7 @@ class SafetensorsSource:
             self.config = _with_generation_config(self.config, gen)
         self._where = self._index()
         self._handles: dict[str, object] = {}
+        self._mapped: dict[str, tuple[np.ndarray, torch.dtype, int]] = {}
 
     def _index(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
@@ -128,8 +131,38 @@ class SafetensorsSource:
             return sl[r, cols[0]:cols[1]]
         return sl[r] if rows else sl[:]
 
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """float32 rows `index` of a 2-D tensor, read from the file's pages (only those rows)."""
+        if name not in self._where:
+            raise MissingTensorError(f"tensor {name!r} is missing from the checkpoint in {self.path}")
+        view = self._mapped.get(name)
+        if view is None:
+            view = self._mapped[name] = _map_tensor(self.path / self._where[name], name)
+        data, dtype, width = view
+        picked = torch.from_numpy(np.ascontiguousarray(data[index])).view(dtype)
+        return picked.reshape(len(index), width).float().numpy()
+
     def close(self) -> None:
         self._handles.clear()
+        self._mapped.clear()
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _map_tensor(path: Path, name: str) -> tuple[np.ndarray, torch.dtype, int]:
+    """A 2-D tensor of a safetensors file as a read-only (rows, bytes per row) map of its bytes."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        info = json.loads(f.read(n))[name]
+    dtype = _ST_DTYPES.get(info["dtype"])
+    if dtype is None or len(info["shape"]) != 2:
+        raise ModelFileError(f"tensor {name!r} in {path} is {info['dtype']} {info['shape']}: expected a 2-D float "
+                             f"matrix")
+    start, stop = info["data_offsets"]
+    rows, width = info["shape"]
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n + start, shape=(stop - start,))
+    return data.reshape(rows, -1), dtype, width
 
 
 def _with_generation_config(config: ModelConfig, path: Path) -> ModelConfig:

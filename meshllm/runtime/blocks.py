@@ -12,32 +12,17 @@ import asyncio
 import time
 from concurrent.futures import Executor
 
-import torch
-
 from ..model.config import ModelConfig
-from ..model.layers import AttnBlock, MlpBlock, kv_index_for
+from ..model.loader import BlockTensors, attn_block, mlp_block
 from ..model.shard import Shard
 from ..scheduler.slices import SliceCache, drop_cached_pages, read_block
 from ..scheduler.window import Window
 
 
-def attn_tensors(b: AttnBlock) -> dict[str, torch.Tensor | None]:
-    return {"norm": b.norm, "wqkv": b.wqkv, "bqkv": b.bqkv, "wo": b.wo, "bo": b.bo}
-
-
-def mlp_tensors(b: MlpBlock) -> dict[str, torch.Tensor | None]:
-    return {"norm": b.norm, "w13": b.w13, "b13": b.b13, "w2": b.w2, "b2": b.b2}
-
-
-def build_block(index: int, t: dict[str, torch.Tensor], config: ModelConfig, shard: Shard):
-    """Tensors read from a block file -> the block object the math takes."""
-    if index % 2 == 0:
-        kv0, kv1 = shard.kv_range(config)
-        return AttnBlock(norm=t["norm"], wqkv=t["wqkv"], bqkv=t.get("bqkv"), wo=t["wo"], bo=t.get("bo"),
-                         num_q=shard.num_q, num_kv=kv1 - kv0, head_dim=config.head_dim, eps=config.rms_norm_eps,
-                         kv_index=kv_index_for(config, shard.q_start, shard.q_stop))
-    return MlpBlock(norm=t["norm"], w13=t["w13"], b13=t.get("b13"), w2=t["w2"], b2=t.get("b2"),
-                    eps=config.rms_norm_eps)
+def build_block(index: int, b: BlockTensors, config: ModelConfig, shard: Shard):
+    """A block file's tensors (device form) -> the block object the math takes (block 2L is layer L's attention,
+    2L + 1 its MLP)."""
+    return attn_block(b, config, shard) if index % 2 == 0 else mlp_block(b, config)
 
 
 class BlockStore:

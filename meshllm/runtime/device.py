@@ -27,14 +27,15 @@ from ..model.config import ModelConfig
 from ..model.loader import resolve_dtype
 from ..model.shard import Shard
 from ..model.default import cache_dir as default_cache_dir
-from ..scheduler.slices import BlockDamagedError, CacheError, SliceCache, block_name
+from ..model.weights import LAYOUT, Format
+from ..scheduler.slices import BlockDamagedError, CacheError, SliceCache, block_name, localize_block
 from .blocks import BlockStore
 from ..net.link import Link, Timeouts, connect, new_connection, parse_address
 from ..wire.frames import DEFAULT_MAX_FRAME, check_tensor
 from .executors import compute_executor, cpu_count, io_executor, set_torch_threads
 from .originator import peak_rss_bytes
 from .tensors import from_record, to_record
-from .worker import ShardWorker
+from .worker import ShardWorker, act_dtype
 
 log = logging.getLogger("meshllm.device")
 
@@ -76,6 +77,7 @@ class Session:
     store: BlockStore | None = None
     loader: asyncio.Task | None = None
     disk_mark: int = 0
+    format: str = "dense"  # the weight format of the session's blocks
     stats: Stats = field(default_factory=Stats)
     broken: str | None = None
 
@@ -276,6 +278,7 @@ class Device:
             "read_s": session.store.read_s if session.store else 0.0,
             "stall_s": session.store.stall_s if session.store else 0.0,
             "budget_bytes": self.budget,
+            "weight_format": session.format,
         }
 
     # -- loading ----------------------------------------------------------------------------------------------
@@ -291,6 +294,7 @@ class Device:
                 raise ProtocolError(f"implausible layer count {config.num_layers}")
             model_hash, dtype_name = str(msg["model_hash"]), str(msg["dtype"])
             dtype = resolve_dtype(dtype_name, config)
+            fmt = Format.parse(str(msg["format"]))
             shard.check(config)
             if not (0 <= rank < world and 0 <= hub_rank < world):
                 raise ProtocolError(f"bad load for session {sid}: rank {rank}, world {world}, hub {hub_rank}")
@@ -311,7 +315,9 @@ class Device:
         store = None
         try:
             t0 = time.perf_counter()
-            cache = SliceCache(self.cache_dir, model_hash, shard, dtype_name, 2 * config.num_layers)
+            # int4 blocks are kept in this machine's kernel layout: a cache of another torch or CPU is not ours
+            key = f"{dtype_name}-{fmt}".replace(":", "g") + (f"-{LAYOUT}" if fmt.quantized else "")
+            cache = SliceCache(self.cache_dir, model_hash, shard, key, 2 * config.num_layers)
             missing, sizes = await loop.run_in_executor(self._io, cache.check)
             if missing:
                 log.info("session %s: fetching %d of %d blocks from the originator", sid, len(missing),
@@ -330,7 +336,8 @@ class Device:
             store = BlockStore(cache, sizes, config, shard, self.budget, self._io, self.read_rate, room)
             await store.start()
             session.store = store
-            session.worker = ShardWorker(config, shard, [], [], dtype)
+            session.worker = ShardWorker(config, shard, [], [], dtype, act_dtype(dtype, fmt))
+            session.format = str(fmt)
             log.info("session %s: rank %d/%d%s, shard %s ready in %.2f s (%s of weights, %s)", sid, rank, world,
                      " (hub)" if session.is_hub else "", shard, time.perf_counter() - t0,
                      human_bytes(store.total_bytes),
@@ -378,17 +385,20 @@ class Device:
                     raise ProtocolError("slice data must be bytes")
                 await loop.run_in_executor(self._io, writer.write, msg["data"])
                 if msg.get("sha256"):
+                    size = None
                     try:
                         digest = await loop.run_in_executor(self._io, writer.finish, str(msg["sha256"]))
                     except BlockDamagedError as e:
                         log.warning("session %s: %s", session.id, e)
                         digest = None
                     else:
-                        await loop.run_in_executor(self._io, cache.record, index, writer.size, digest)
+                        # verified as sent; then kept in this machine's kernel form (what the manifest vouches for)
+                        size, digest = await loop.run_in_executor(self._io, localize_block, cache.path(index), digest)
+                        await loop.run_in_executor(self._io, cache.record, index, size, digest)
                     # acknowledged either way: the originator finishes this round of blocks before a new `need`
                     session.originator.send({"t": "stored", "session": session.id, "block": index,
                                              "offset": writer.size, "done": True})
-                    return writer.size if digest else None
+                    return size
                 session.originator.send({"t": "stored", "session": session.id, "block": index,
                                          "offset": writer.size, "done": False})
         except BaseException:

@@ -24,15 +24,15 @@ class LocalEngine(Originator):
     """Loads a model onto this device and serves requests one at a time."""
 
     def __init__(self, model, *, dtype: str | None = None, threads: int | None = None,
-                 device_id: str = "local") -> None:
-        super().__init__(model, dtype=dtype, threads=threads)
+                 device_id: str = "local", quantize: str | None = None) -> None:
+        super().__init__(model, dtype=dtype, threads=threads, quantize=quantize)
         self.device_id = device_id
         self.worker: ShardWorker | None = None
 
     def _load_more(self, src: ModelSource) -> None:
-        self.worker = ShardWorker.load(src, Shard.full(src.config), self.dtype)
-        log.info("loaded %s: %d layers, %s, %.1f MB of weights", self.model_path, self.config.num_layers,
-                 self.dtype, self.weight_bytes() / 1e6)
+        self.worker = ShardWorker.load(src, Shard.full(src.config), self.dtype, self.format)
+        log.info("loaded %s: %d layers, %s weights, %s activations, %.1f MB of weights", self.model_path,
+                 self.config.num_layers, self.format, self.worker.act_dtype, self.weight_bytes() / 1e6)
 
     def weight_bytes(self) -> int:
         return self.head.nbytes() + self.worker.weight_bytes()
@@ -40,7 +40,7 @@ class LocalEngine(Originator):
     def forward_sync(self, ids: Sequence[int], start: int, all_logits: bool = False) -> torch.Tensor:
         """Logits (T or 1, V) for new tokens `ids` at positions start..; updates the KV caches."""
         with torch.inference_mode():
-            x = self._layers(embed(self.head, torch.tensor([list(ids)], dtype=torch.long)), start)
+            x = self._layers(embed(self.head, torch.tensor([list(ids)], dtype=torch.long), self.dtype), start)
             return logits(self.head, x if all_logits else x[:, -1:])[0]
 
     def _layers(self, x: torch.Tensor, start: int) -> torch.Tensor:
@@ -81,4 +81,5 @@ class LocalEngine(Originator):
             "resident_weight_bytes": self.weight_bytes(),
             "disk_read_bytes": 0,
             "share": 1.0,
+            "weight_format": str(self.format),
         }]

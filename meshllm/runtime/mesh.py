@@ -59,8 +59,8 @@ class MeshEngine(Originator):
                  weights: Sequence[float] | None = None, threads: int | None = None,
                  timeouts: Timeouts = Timeouts(), max_frame: int = DEFAULT_MAX_FRAME,
                  node_id: str | None = None, memory_budget: int | None = None,
-                 skip_unreachable: bool = False, defer: bool = False) -> None:
-        super().__init__(model, dtype=dtype, threads=threads)
+                 skip_unreachable: bool = False, defer: bool = False, quantize: str | None = None) -> None:
+        super().__init__(model, dtype=dtype, threads=threads, quantize=quantize)
         if not devices and not defer:
             raise MeshError("no devices given: pass --devices HOST:PORT,... or --local-devices N")
         self.addresses = list(devices)
@@ -116,7 +116,7 @@ class MeshEngine(Originator):
                                     self.weights[i] if self.weights else float(info.get("capability", 1.0)),
                                     int(budget) if isinstance(budget, int) else None))
         dtype_name = str(self.dtype).replace("torch.", "")
-        self.plan = make_plan(self.config, specs, dtype_name)
+        self.plan = make_plan(self.config, specs, self.sizes)
         hub = self.members[self.plan.hub]
         log.info("mesh of %d: hub %s; shards %s", len(self.members), hub.name,
                  ", ".join(f"{m.link.conn.peer_id}: heads {s.q_start}-{s.q_stop} mlp {s.mlp_start}-{s.mlp_stop}"
@@ -140,7 +140,8 @@ class MeshEngine(Originator):
         shard = self.plan.shards[m.rank]
         m.link.send({
             "t": "load", "session": self.session, "model_hash": self.model_hash, "config": self.config.to_dict(),
-            "dtype": dtype_name, "rank": m.rank, "world": len(self.members), "hub": self.plan.hub,
+            "dtype": dtype_name, "format": str(self.format), "rank": m.rank, "world": len(self.members),
+            "hub": self.plan.hub,
             "shard": [shard.q_start, shard.q_stop, shard.mlp_start, shard.mlp_stop, shard.owns_bias],
         })
         while True:
@@ -152,10 +153,9 @@ class MeshEngine(Originator):
 
     async def _stream_blocks(self, m: Member, shard, blocks: list[int]) -> None:
         """Send a device the block files of its shard it lacks, one acknowledged chunk at a time."""
-        from ..model.loader import load_attn_block, load_mlp_block
+        from ..model.loader import attn_tensors, mlp_tensors
         from ..model.source import open_model
         from ..scheduler.slices import serialize_block
-        from .blocks import attn_tensors, mlp_tensors
 
         loop = asyncio.get_running_loop()
 
@@ -164,10 +164,9 @@ class MeshEngine(Originator):
             if self._stream_src is None:  # opened once (GGUF parsing is slow), closed when the mesh is up
                 self._stream_src = open_model(self._model_ref)
             src, layer = self._stream_src, index // 2
-            if index % 2 == 0:
-                data = serialize_block(attn_tensors(load_attn_block(src, layer, shard, self.dtype)))
-            else:
-                data = serialize_block(mlp_tensors(load_mlp_block(src, layer, shard, self.dtype)))
+            # the portable form (int4 as plain nibbles): the device turns it into its own kernels' layout
+            cut = attn_tensors if index % 2 == 0 else mlp_tensors
+            data = serialize_block(cut(src, layer, shard, self.dtype, self.format))
             return data, hashlib.sha256(data).hexdigest()
 
         sent, t0, shown = 0, time.perf_counter(), -1
@@ -361,7 +360,7 @@ class MeshEngine(Originator):
         stats = await self.device_stats()
         out = [{"id": self.node_id, "role": "originator", "peak_rss_bytes": peak_rss_bytes(),
                 "weight_bytes": self.head.nbytes(), "resident_weight_bytes": self.head.nbytes(), "disk_read_bytes": 0,
-                "memory_budget_bytes": self.budget, "share": 0.0,
+                "memory_budget_bytes": self.budget, "share": 0.0, "weight_format": str(self.format),
                 "holds": "tokenizer, embedding, final norm, LM head"}]
         for m, s in zip(self.members, stats):
             shard = self.plan.shards[m.rank]
@@ -369,7 +368,7 @@ class MeshEngine(Originator):
                 "id": s["node"], "address": m.address, "role": s["role"], "rank": m.rank,
                 "peak_rss_bytes": s["peak_rss_bytes"], "weight_bytes": s["weight_bytes"],
                 "resident_weight_bytes": s["resident_weight_bytes"], "disk_read_bytes": s["disk_read_bytes"],
-                "memory_budget_bytes": s["budget_bytes"],
+                "memory_budget_bytes": s["budget_bytes"], "weight_format": s.get("weight_format"),
                 "share": round(self.plan.share(m.rank, self.config), 4),
                 "q_heads": [shard.q_start, shard.q_stop], "mlp_columns": [shard.mlp_start, shard.mlp_stop],
             })

@@ -20,7 +20,8 @@ from ..discovery.probe import proc_kib
 from ..generation.loop import Result, generate
 from ..generation.sampling import Sampler, SamplingParams
 from ..model.layers import HeadWeights, embed, logits
-from ..model.loader import load_head, resolve_dtype
+from ..model.loader import format_sizes, load_head, resolve_dtype, resolve_format
+from ..model.weights import Format
 from ..model.source import ModelSource, open_model
 from .executors import compute_executor, io_executor, set_torch_threads
 
@@ -39,16 +40,21 @@ def peak_rss_bytes() -> int:
 class Originator:
     """Base of the engines: load the head and tokenizer, encode prompts, run the decode loop."""
 
-    def __init__(self, model: str | os.PathLike, *, dtype: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, model: str | os.PathLike, *, dtype: str | None = None, threads: int | None = None,
+                 quantize: str | Format | None = None) -> None:
         self.model_path = model
         self.dtype_name = dtype
         self.threads = threads
+        self.format_asked = quantize if quantize is None or isinstance(quantize, Format) else Format.parse(quantize)
+        self.format = Format()  # the weight format in use, once loaded
+        self.sizes = None  # the format's sizes, for planning
         self._compute = compute_executor()
         self._io = io_executor()
         self._lock = asyncio.Lock()
         self.config = None
         self.tokenizer = None
         self.head: HeadWeights | None = None
+        self._head_src = None
         self.dtype: torch.dtype = torch.float32
         self.load_s = 0.0
 
@@ -74,6 +80,9 @@ class Originator:
     def _shutdown_executors(self) -> None:
         self._compute.shutdown(wait=True, cancel_futures=True)
         self._io.shutdown(wait=True, cancel_futures=True)
+        if self._head_src is not None:
+            self._head_src.close()
+            self._head_src = None
 
     def _load_head(self) -> None:
         from ..tokenizer import load_tokenizer
@@ -83,11 +92,18 @@ class Originator:
         try:
             self.config = src.config
             self.dtype = resolve_dtype(self.dtype_name, src.config)
+            self.format = resolve_format(self.format_asked, src)
+            self.sizes = format_sizes(self.format, src, self.dtype)
             self.tokenizer = load_tokenizer(src.path)
-            self.head = load_head(src, self.dtype)
+            self.head = load_head(src, self.dtype, self.format)
             self._load_more(src)
-        finally:
+        except BaseException:
             src.close()
+            raise
+        if self.head.exact is None:
+            src.close()
+        else:
+            self._head_src = src  # the head reads rows of the file: open for the engine's life
 
     # -- for subclasses ----------------------------------------------------------------------------------------
 
@@ -126,7 +142,7 @@ class Originator:
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
         with torch.inference_mode():
-            return embed(self.head, torch.tensor([ids], dtype=torch.long))
+            return embed(self.head, torch.tensor([ids], dtype=torch.long), self.dtype)
 
     def _sample(self, h: torch.Tensor, sampler: Sampler) -> int:
         return sampler(self._logits(h))
@@ -145,9 +161,27 @@ class Originator:
             finally:
                 await self.end()
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def _logits(self, h: torch.Tensor, also: int | None = None) -> torch.Tensor:
         with torch.inference_mode():
-            return logits(self.head, h.to(self.dtype))[0, -1]
+            exact = None if also is None else torch.tensor([also])
+            return logits(self.head, h.to(self.dtype), exact)[0, -1]
+
+    async def token_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i = 1..: one decode step per token, as generation runs them (for perplexity;
+        the target's logit is exact even where a quantized head only approximates the tail)."""
+        async with self._lock:
+            await self.begin(len(ids))
+            try:
+                loop = asyncio.get_running_loop()
+                out = []
+                for i in range(len(ids) - 1):
+                    x = await loop.run_in_executor(self._compute, self._embed, ids[i:i + 1])
+                    h = await self._forward_hidden(x, i)
+                    lg = await loop.run_in_executor(self._compute, self._logits, h, ids[i + 1])
+                    out.append(float(torch.log_softmax(lg, -1)[ids[i + 1]]))
+                return out
+            finally:
+                await self.end()
 
     def encode_prompt(self, prompt: str | list[dict], chat: bool | None = None) -> list[int]:
         """Token ids for a prompt: chat-templated when `chat` (default: when the model has a template)."""

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from ..errors import MeshError
+from ..model.loader import BlockTensors
 from ..model.shard import Shard
 
 BLOCK_KINDS = ("attn", "mlp")
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8, "I8": torch.int8}
 
 
 class CacheError(MeshError):
@@ -51,15 +52,15 @@ def shard_folder(root: Path, model_hash: str, shard: Shard, dtype: str) -> Path:
             f"{dtype}-q{shard.q_start}_{shard.q_stop}-m{shard.mlp_start}_{shard.mlp_stop}-b{int(shard.owns_bias)}")
 
 
-def serialize_block(tensors: dict[str, torch.Tensor]) -> bytes:
-    """Tensors -> safetensors file bytes (None entries are left out)."""
+def serialize_block(block: BlockTensors) -> bytes:
+    """A block's tensors -> safetensors file bytes, the format of each weight in the file's metadata."""
     from safetensors.torch import save
 
-    return save({k: v.contiguous() for k, v in tensors.items() if v is not None})
+    return save({k: v.contiguous() for k, v in block.tensors.items()}, metadata=block.metadata())
 
 
-def read_block(path: Path, rate: float | None = None, *, mapped: bool = False) -> tuple[dict[str, torch.Tensor], int]:
-    """Read a block file -> (tensors, bytes read). Blocking: call from the I/O executor.
+def read_block(path: Path, rate: float | None = None, *, mapped: bool = False) -> tuple[BlockTensors, int]:
+    """Read a block file -> (its tensors, bytes read). Blocking: call from the I/O executor.
 
     mapped=False copies the file into private memory (blocks that stay resident for good). mapped=True maps it
     read-only and faults every page in now (MAP_POPULATE), so the reading happens here, off the compute thread,
@@ -98,7 +99,19 @@ def read_block(path: Path, rate: float | None = None, *, mapped: bool = False) -
             t = torch.frombuffer(buf, dtype=dt, count=(b - a) // dt.itemsize, offset=base + a) if b > a \
                 else torch.empty(0, dtype=dt)
             out[name] = t.reshape(info["shape"])
-    return out, size
+    return BlockTensors.from_file(out, header.get("__metadata__")), size
+
+
+def localize_block(path: Path, digest: str) -> tuple[int, str]:
+    """Rewrite a verified block file in the form this machine's kernels run (int4 in their packed layout); returns
+    the (size, SHA-256) of the file now on disk. A block with nothing to convert is left as it came."""
+    block, size = read_block(path)
+    local = block.device_form()
+    if local.specs == block.specs:
+        return size, digest
+    data = serialize_block(local)
+    _atomic_write(path, data, path.parent)
+    return len(data), hashlib.sha256(data).hexdigest()
 
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python 3.11 lacks the name

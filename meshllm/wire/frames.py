@@ -13,7 +13,7 @@ import msgpack
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 2  # 2: beat frames (link liveness)
+PROTOCOL_VERSION = 3  # 2: beat frames (link liveness); 3: weight formats (load carries `format`)
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 2**20
 
@@ -23,7 +23,7 @@ MESSAGE_TYPES: dict[str, tuple[str, ...]] = {
     "auth": ("mac",),
     "error": ("code", "reason"),
     # control, originator -> device
-    "load": ("session", "model_hash", "config", "dtype", "shard", "rank", "world", "hub"),
+    "load": ("session", "model_hash", "config", "dtype", "format", "shard", "rank", "world", "hub"),
     "need": ("session", "blocks"),  # device -> originator: stream me these blocks of my shard
     "slice": ("session", "block", "offset", "data"),  # one chunk of a block file; the last carries sha256
     "stored": ("session", "block", "offset"),  # device -> originator: chunk written, send the next
