@@ -11,10 +11,12 @@ import pytest
 import pytest_asyncio
 import torch
 
+from helpers.reference import NEAR_TIE, top2_margins
 from meshllm.discovery.probe import proc_kib
 from meshllm.generation.sampling import SamplingParams
 from meshllm.runtime.launcher import LocalCluster
 from meshllm.runtime.local import LocalEngine
+from meshllm.model.weights import Format
 from meshllm.runtime.mesh import MeshEngine, local_secret
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -64,14 +66,25 @@ async def test_quantized_perplexity_is_close_to_transformers_in_fp32(folder, fmt
 
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 async def test_quantized_greedy_ids_are_the_same_on_1_2_and_3_devices(folder, cluster, fmt):
+    """The same ids on every split, up to a genuine near-tie. The kernels return bf16: one device rounds each
+    output of a matrix once, several devices round their partial sums each, so a step whose two likeliest logits
+    are closer than that rounding can go either way (bit-identical ids across splits cannot be had from these
+    kernels); a split that gets the math wrong diverges at a clear margin, or at once."""
     addresses, secret = cluster
     async with LocalEngine(folder, quantize=fmt) as engine:
+        prompt_ids = engine.encode_prompt(PROMPT, chat=False)
         expected = (await engine.generate(PROMPT, PARAMS, chat=False)).token_ids
+        margin = top2_margins(engine, prompt_ids, expected)
+        one = await engine.score(prompt_ids)
     for n in (2, 3):
         async with MeshEngine(folder, addresses[:n], secret, quantize=fmt) as mesh:
-            assert (await mesh.generate(PROMPT, PARAMS, chat=False)).token_ids == expected, n
-            devices = await mesh.devices()
-            assert {d["weight_format"] for d in devices} == {fmt}
+            got = (await mesh.generate(PROMPT, PARAMS, chat=False)).token_ids
+            split = await mesh.score(prompt_ids)
+            assert {d["weight_format"] for d in await mesh.devices()} == {str(Format.parse(fmt))}
+        first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+        print(f"{fmt} N={n}: first divergence {first}, margin there {margin[first] if first is not None else '-'}")
+        assert first is None or margin[first] < NEAR_TIE, (n, first, margin[first])
+        assert float((split - one).norm() / one.norm()) < 3e-2  # the same logits, to bf16 rounding (a wrong split: ~1)
 
 
 async def test_slices_hold_packed_bytes_and_a_budget_bounds_memory_over_them(folder, tmp_path):
@@ -89,7 +102,7 @@ async def test_slices_hold_packed_bytes_and_a_budget_bounds_memory_over_them(fol
              ("float32-dense", "float32-int4g32")}
     assert files["float32-int4g32"] < files["float32-dense"] / 4 * 1.3  # 4.5 bits a weight, plus file headers
     assert sizes["int4"] < sizes["none"] / 4 * 1.3
-    budget = sizes["int4"] // 4
+    budget = int(sizes["int4"] * 0.35)  # a third of the share: above its largest block (this model has 6)
     cluster = LocalCluster(1, secret, threads=1, cache_dir=cache, memory_budget=budget)
     async with cluster as addresses:
         status = f"/proc/{cluster.procs[0].pid}/status"

@@ -257,15 +257,22 @@ class BlockTensors:
         if spec == "dense":
             return Dense(t[name])
         if spec == "int8":
-            return Int8(t[f"{name}.q"], t[f"{name}.scale"])
+            return Int8(_aligned(t[f"{name}.q"]), _aligned(t[f"{name}.scale"]))
         if spec.startswith("int4k:"):
-            packed = t[f"{name}.packed"]
-            return Int4(packed, t[f"{name}.scale_zero"], int(spec[6:]), packed.shape[0], packed.shape[1] * 2)
+            packed = _aligned(t[f"{name}.packed"])
+            return Int4(packed, _aligned(t[f"{name}.scale_zero"]), int(spec[6:]), packed.shape[0],
+                        packed.shape[1] * 2)
         raise ConfigError(f"weight {name!r} is stored as {spec!r}, which this device cannot run: a block file of "
                           f"another form; it is fetched again")
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """The tensor itself when its data starts on a 64-byte boundary, else an aligned copy: the quantized kernels
+    read misaligned int8 rows wrong or crash (our block files align every tensor; this guards any other)."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
 def _bias(src: ModelSource, name: str, n: int, rows=None) -> torch.Tensor:

@@ -117,7 +117,9 @@ class Int8:
         self.out_features, self.in_features = q.shape
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.q, self.scale)
+        # the kernels read their input as dense rows: a view with other strides (attention's output of one head)
+        # makes them read past it and crash
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.q, self.scale)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
 
@@ -147,8 +149,8 @@ class Int4:
         return f"int4:{self.group}"
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed, self.group,
-                                                        self.scale_zero)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), self.packed,
+                                                        self.group, self.scale_zero)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
 
@@ -260,7 +262,7 @@ class PortableInt4:
         return ((g - 8) * self.scale[..., None] + self.zero[..., None]).reshape(n, k)
 
 
-PACK_ROWS = 2048  # rows packed at a time: a multiple of the kernel's row blocks (64 on AVX512, 32 on AVX2)
+PACK_ROWS = 256  # rows packed at a time: a multiple of the kernel's row blocks (64 on AVX512, 32 on AVX2)
 
 
 def int4_weight(nib: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> Weight:
@@ -270,12 +272,15 @@ def int4_weight(nib: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grou
     n, k = nib.shape[0], nib.shape[1] * 2
     if not kernels().int4:
         return Dense(torch.from_numpy(PortableInt4.from_nibbles(nib, scale, zero, group).dequantize()).to(ACT))
-    parts = []
+    packed = None
     for r in range(0, n, PACK_ROWS):
         b = nib[r:r + PACK_ROWS]
         q = torch.stack([b & 0x0F, b >> 4], -1).reshape(b.shape[0], k).to(torch.int32)  # even columns: low nibble
-        parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-    packed = parts[0] if len(parts) == 1 else torch.cat(parts)
+        part = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        if packed is None:
+            packed = part if n <= PACK_ROWS else torch.empty((n, *part.shape[1:]), dtype=part.dtype)
+        if packed is not part:
+            packed[r:r + PACK_ROWS] = part
     sz = torch.stack([scale.to(ACT), zero.to(ACT)], -1).transpose(0, 1).contiguous()
     return Int4(packed, sz, group, n, k)
 

@@ -8,6 +8,7 @@ task; an abort cancels the running step at once. A bad message closes only the l
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import logging
 import os
@@ -35,7 +36,7 @@ from ..wire.frames import DEFAULT_MAX_FRAME, check_tensor
 from .executors import compute_executor, cpu_count, io_executor, set_torch_threads
 from .originator import peak_rss_bytes
 from .tensors import from_record, to_record
-from .worker import ShardWorker, act_dtype
+from .worker import ShardWorker, act_dtype, warm_up
 
 log = logging.getLogger("meshllm.device")
 
@@ -125,6 +126,7 @@ class Device:
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._compute, warm_up)
         try:
             try:
                 self._server = await loop.create_server(self._accept, self.host, self.port)
@@ -319,6 +321,7 @@ class Device:
             key = f"{dtype_name}-{fmt}".replace(":", "g") + (f"-{LAYOUT}" if fmt.quantized else "")
             cache = SliceCache(self.cache_dir, model_hash, shard, key, 2 * config.num_layers)
             missing, sizes = await loop.run_in_executor(self._io, cache.check)
+            fetched = bool(missing)
             if missing:
                 log.info("session %s: fetching %d of %d blocks from the originator", sid, len(missing),
                          2 * config.num_layers)
@@ -332,6 +335,10 @@ class Device:
             if missing:
                 raise CacheError(f"block {block_name(missing[0])} arrived damaged {BLOCK_RETRIES + 1} times "
                                  f"(SHA-256 mismatch): the link or the originator's copy corrupts it")
+            if fetched:
+                # the frames and conversions of the stream are freed, but glibc keeps freed heap pages: give them
+                # back before the weights load, or they stay in this device's memory for good
+                await loop.run_in_executor(self._io, release_heap)
             room = await loop.run_in_executor(self._io, page_cache_room, min(self.budget or 0, sum(sizes.values())))
             store = BlockStore(cache, sizes, config, shard, self.budget, self._io, self.read_rate, room)
             await store.start()
@@ -573,6 +580,14 @@ class Device:
     async def serve_until(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set."""
         await stop.wait()
+
+
+def release_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc's malloc_trim; nothing elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def storage_read_bytes() -> int:

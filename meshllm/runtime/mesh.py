@@ -33,7 +33,7 @@ from .tensors import from_record, to_record
 log = logging.getLogger("meshllm.mesh")
 
 CONTROL_QUEUE = 16  # control replies a device may have outstanding; more is a protocol violation
-CHUNK = 4 * 2**20  # bytes of a block file per `slice` frame
+CHUNK = 2**20  # bytes of a block file per `slice` frame (a device holds about two at a time while it writes)
 FORWARD_HISTORY = 1024  # step round trips kept for reports (an app lives for millions of steps)
 
 

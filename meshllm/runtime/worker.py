@@ -67,3 +67,43 @@ class ShardWorker:
     def mlp(self, layer: int, x: torch.Tensor, blk: MlpBlock | None = None) -> torch.Tensor:
         """This shard's MLP partial for `layer` (its resident block, or `blk`)."""
         return mlp_partial(blk or self.mlp_blocks[layer], x)
+
+
+def warm_up() -> None:
+    """Run each kind of phase once on a tiny random layer (dense fp32, int8, int4; a prefill and a decode step), in
+    the compute thread at start: the kernels' self-test runs and the code they use is paged in now, so a device's
+    memory and first-request latency afterwards are its model's, not the runtime's first use."""
+    from ..model.config import ModelConfig
+    from ..model.loader import BlockTensors, attn_block, mlp_block
+    from ..model.gguf_quants import quantize_int4, quantize_rows_int8
+    from ..model.weights import PortableInt4, kernels
+
+    kernels()
+    c = ModelConfig(hidden_size=64, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32,
+                    vocab_size=16, rms_norm_eps=1e-5, max_position_embeddings=16)
+    g = torch.Generator().manual_seed(0)
+    shard = Shard.full(c)
+    for fmt in (Format(), Format("int8"), Format("int4")):
+        act = act_dtype(torch.float32, fmt)
+        attn, mlp = BlockTensors(), BlockTensors()
+        for b in (attn, mlp):
+            b.tensors["norm"] = torch.ones(64)
+        for b, name, rows in ((attn, "wqkv", 128), (attn, "wo", 64), (mlp, "w13", 128), (mlp, "w2", 64)):
+            w = torch.randn(rows, 64, generator=g) / 8
+            m = w if not fmt.quantized else (PortableInt4(*quantize_int4(w.numpy(), 32), 32) if fmt.kind == "int4"
+                                             else _int8_rows(*quantize_rows_int8(w.numpy())))
+            b.put(name, m, act, "warm-up")
+        worker = ShardWorker(c, shard, [attn_block(attn.device_form(), c, shard)],
+                             [mlp_block(mlp.device_form(), c)], torch.float32, act)
+        worker.begin(8)
+        with torch.inference_mode():
+            for x, start in ((torch.randn(1, 3, 64, generator=g), 0), (torch.randn(1, 1, 64, generator=g), 3)):
+                x = x + worker.attn(0, x, start)
+                worker.mlp(0, x)
+        worker.end()
+
+
+def _int8_rows(q, scale):
+    from ..model.loader import Int8Rows
+
+    return Int8Rows(q, scale)

@@ -52,11 +52,36 @@ def shard_folder(root: Path, model_hash: str, shard: Shard, dtype: str) -> Path:
             f"{dtype}-q{shard.q_start}_{shard.q_stop}-m{shard.mlp_start}_{shard.mlp_stop}-b{int(shard.owns_bias)}")
 
 
-def serialize_block(block: BlockTensors) -> bytes:
-    """A block's tensors -> safetensors file bytes, the format of each weight in the file's metadata."""
-    from safetensors.torch import save
+ALIGN = 64  # every tensor of a block file starts at a multiple of this (the quantized kernels need it)
+_NAMES = {v: k for k, v in _DTYPES.items()}
 
-    return save({k: v.contiguous() for k, v in block.tensors.items()}, metadata=block.metadata())
+
+def serialize_block(block: BlockTensors) -> bytes:
+    """A block's tensors -> the bytes of its file (see block_chunks)."""
+    return b"".join(block_chunks(block))
+
+
+def block_chunks(block: BlockTensors) -> list:
+    """A block's tensors -> the pieces of its safetensors file, the format of each weight in the file's metadata.
+
+    Each tensor's data starts on an ALIGN-byte boundary of the file (padding goes in `__pad` tensors, so the file
+    stays valid safetensors): mapped or read into aligned memory, no tensor needs a copy to be aligned. (The int8
+    kernel reads past an int8 matrix that starts at an odd address and crashes the process.)"""
+    entries, chunks, pos = {}, [], 0
+    for name in sorted(block.tensors):
+        t = block.tensors[name].contiguous()
+        if pos % ALIGN:
+            pad = ALIGN - pos % ALIGN
+            entries[f"__pad{len(entries)}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [pos, pos + pad]}
+            chunks.append(bytes(pad))
+            pos += pad
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""  # no copy
+        entries[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + len(data)]}
+        chunks.append(data)
+        pos += len(data)
+    header = json.dumps({"__metadata__": block.metadata(), **entries}, separators=(",", ":")).encode()
+    header += b" " * (-(8 + len(header)) % ALIGN)  # the data starts aligned too (trailing spaces are allowed)
+    return [struct.pack("<Q", len(header)), header, *chunks]
 
 
 def read_block(path: Path, rate: float | None = None, *, mapped: bool = False) -> tuple[BlockTensors, int]:
@@ -73,7 +98,8 @@ def read_block(path: Path, rate: float | None = None, *, mapped: bool = False) -
         if mapped and size:
             buf = _map_populated(f.fileno(), size)
         else:
-            buf = bytearray(size)
+            store = torch.empty(size, dtype=torch.uint8)  # torch's allocations are 64-byte aligned
+            buf = store.numpy()
             view = memoryview(buf)
             pos = 0
             while pos < size:
@@ -92,7 +118,7 @@ def read_block(path: Path, rate: float | None = None, *, mapped: bool = False) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a read-only map: the weights are never written
         for name, info in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or name.startswith("__pad"):
                 continue
             a, b = info["data_offsets"]
             dt = _DTYPES[info["dtype"]]
@@ -105,13 +131,17 @@ def read_block(path: Path, rate: float | None = None, *, mapped: bool = False) -
 def localize_block(path: Path, digest: str) -> tuple[int, str]:
     """Rewrite a verified block file in the form this machine's kernels run (int4 in their packed layout); returns
     the (size, SHA-256) of the file now on disk. A block with nothing to convert is left as it came."""
-    block, size = read_block(path)
+    block, size = read_block(path, mapped=True)  # no private copy: the conversion reads the file's pages
     local = block.device_form()
     if local.specs == block.specs:
         return size, digest
-    data = serialize_block(local)
-    _atomic_write(path, data, path.parent)
-    return len(data), hashlib.sha256(data).hexdigest()
+    chunks = block_chunks(local)  # views of the converted tensors (the portable ones are no longer needed)
+    del block
+    _atomic_write(path, chunks, path.parent)
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return sum(map(len, chunks)), h.hexdigest()
 
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python 3.11 lacks the name
@@ -309,11 +339,12 @@ class BlockWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def _atomic_write(path: Path, data: bytes, folder: Path) -> None:
+def _atomic_write(path: Path, data: bytes | list, folder: Path) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for piece in data if isinstance(data, list) else [data]:
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -44,3 +44,16 @@ def assert_close_rel(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -
     err = (ours - ref).abs().max().item()
     scale = ref.abs().max().item()
     assert err <= rel * scale, f"max abs error {err:.3g} exceeds {rel} x max |logit| {scale:.3g}"
+
+
+NEAR_TIE = 0.05  # a top-2 logit margin within the bf16 rounding of the quantized kernels' outputs
+
+
+def top2_margins(engine: LocalEngine, prompt_ids: list[int], ids: list[int]) -> list[float]:
+    """The margin between the two likeliest logits at each generated position of `ids` (teacher-forced on one
+    engine). Where it is below NEAR_TIE, bf16 rounding alone can make another split of the model pick the other."""
+    full = prompt_ids + ids
+    engine.worker.begin(len(full))
+    lg = engine.forward_sync(full[:-1], 0, all_logits=True)[len(prompt_ids) - 1:]
+    top = lg.topk(2, dim=-1).values
+    return (top[:, 0] - top[:, 1]).tolist()
