@@ -42,13 +42,15 @@ class Mesh:
     secret: the mesh secret (default: $MESHLLM_SECRET). min_devices: wait for this many (default 1: with none
     found, run here alone). timeout: seconds to wait for them. interface: browse on this address only (default:
     $MESHLLM_INTERFACE, else every interface). quantize: the weight format, as `--quantize` (default:
-    $MESHLLM_QUANTIZE, else the model's own: a quantized GGUF kept packed, anything else dense).
+    $MESHLLM_QUANTIZE, else the model's own: a quantized GGUF kept packed, anything else dense). prefix_cache:
+    keep the KV cache of the last request on the devices, so a prompt that starts with it (the next turn of a
+    chat) computes only what follows (default True; the same output in fp32, see the README for bf16).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, secret: str | bytes | None = None,
                  min_devices: int = 1, timeout: float = 5.0, interface: str | None = None,
                  dtype: str | None = None, threads: int | None = None, memory_budget: int | None = None,
-                 timeouts: Timeouts = Timeouts(), quantize: str | None = None) -> None:
+                 timeouts: Timeouts = Timeouts(), quantize: str | None = None, prefix_cache: bool = True) -> None:
         if min_devices < 0:
             raise MeshError(f"min_devices must be 0 or more, got {min_devices}")
         if timeout <= 0:
@@ -61,6 +63,7 @@ class Mesh:
         self.interface = interface or os.environ.get("MESHLLM_INTERFACE") or None
         self.dtype, self.threads, self.memory_budget, self.timeouts = dtype, threads, memory_budget, timeouts
         self.quantize = quantize or os.environ.get("MESHLLM_QUANTIZE") or None
+        self.prefix_cache = prefix_cache
         self.mesh_id: str | None = None
         self.ready_s = 0.0  # entering the context: discovery + plan + load
         self._browser = None
@@ -80,6 +83,10 @@ class Mesh:
         try:
             if self.model is None:
                 self.model = await asyncio.to_thread(default_model_path)
+            else:
+                from .model.hub import resolve_model
+
+                self.model = await asyncio.to_thread(resolve_model, self.model)
             if not self._secret:
                 if self.min_devices > 1:
                     raise MeshError("no mesh secret: pass secret=... or set MESHLLM_SECRET (make one with "
@@ -259,6 +266,7 @@ class Mesh:
         await self._refresh()
         if self._engine is None:
             await self._use(self._wanted() if self._browser is not None else [])
+        self._engine.reuse_prefix = self.prefix_cache
         return self._engine
 
     # -- requests ----------------------------------------------------------------------------------------------
@@ -275,9 +283,13 @@ class Mesh:
     async def stream(self, prompt: str | list[dict], *, max_tokens: int = 128, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                      stop: Sequence[str] = (), ignore_eos: bool = False, chat: bool | None = None,
-                     result: Result | None = None) -> AsyncIterator[str]:
-        """Yield the text as it is generated. `result`, if given, is filled in (ids, timings) as it goes."""
-        params = self._params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos)
+                     result: Result | None = None, params: SamplingParams | None = None) -> AsyncIterator[str]:
+        """Yield the text as it is generated. `result`, if given, is filled in (ids, timings) as it goes.
+        `params` (a SamplingParams) replaces the sampling keywords when given."""
+        if params is None:
+            params = self._params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos)
+        else:
+            params.check()
         async with self._lock:
             engine = await self._engine_for_request()
             async with contextlib.aclosing(engine.stream(prompt, params, chat=chat, result=result)) as pieces:

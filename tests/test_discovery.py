@@ -144,6 +144,7 @@ async def test_three_joined_devices_are_found_and_used_without_an_address(model,
         await asyncio.gather(*(d.stop() for d in devices))
 
 
+@pytest.mark.slow
 async def test_two_meshes_on_one_interface_never_mix(model, reference, tmp_path):
     a, b = "mesh-a-" + tmp_path.name, "mesh-b-" + tmp_path.name
     devices = await join_all([("a-1", a, 2.0), ("a-2", a, 2.0), ("b-1", b, 50.0)], tmp_path)

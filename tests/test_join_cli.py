@@ -44,6 +44,7 @@ async def test_sigterm_says_goodbye_closes_and_exits_cleanly(tmp_path):
     assert "stopping" in log and "Traceback" not in log
 
 
+@pytest.mark.slow
 async def test_status_lists_devices_meshes_hub_and_round_trips(tmp_path):
     ours, theirs = "status-a-" + tmp_path.name, "status-b-" + tmp_path.name
     devices = await join_all([("st-1", ours, 3.0), ("st-2", ours, 7.0), ("st-x", theirs, 9.0)], tmp_path)
@@ -108,6 +109,7 @@ async def _stream_example_reference(model) -> str:
     return result.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("example, check", [
     ("mesh_generate.py", lambda out, ref: "Paris" in out),
     ("mesh_stream.py", lambda out, ref: out.strip() == ref.strip() != ""),
@@ -187,6 +189,7 @@ def _read_bandwidth_gbps() -> float:
     return a.nbytes / statistics.median(runs[1:]) / 1e9
 
 
+@pytest.mark.slow
 async def test_join_measures_its_capability_once_and_advertises_it(tmp_path):
     """Without --score, `join` runs the probe (a GEMV over weights larger than the caches), caches it per CPU and
     thread count, advertises it as its score, and the next start reuses it."""

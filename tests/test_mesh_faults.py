@@ -215,6 +215,7 @@ async def test_device_keeps_serving_its_sockets_while_it_computes(make_model, tm
                                                      f"ended {done - sent:.2f} s after the ping")
 
 
+@pytest.mark.slow
 async def test_a_hung_device_is_found_by_its_silence_and_idle_links_stay_open(make_model, tmp_path):
     """A device that stops answering without closing its sockets (a hang, a closed laptop lid, a cable pulled with
     no FIN) is found within Timeouts.silence, mid-request, and named: not after the 120 s step timeout. Links with
@@ -269,3 +270,29 @@ async def test_a_hub_lost_between_requests_fails_no_request_on_the_workers(make_
         await generate_ok(folder, addresses, secret)  # the devices serve the next session
     for i in workers:
         assert "failed" not in log_text(tmp_path, i), log_text(tmp_path, i)
+
+
+async def test_a_request_cancelled_at_any_moment_leaves_the_mesh_ready(make_model):
+    """Cancel a request at moments spread over its prefill and first steps (an HTTP client going away, Ctrl-C in
+    an app): each next request runs at once and gives the ids a fresh mesh gives. Found by `serve`: a cancellation
+    landing as an allreduce sum arrived was dropped by wait_for, the aborted step ran on into rounds nobody joined
+    and the next request hung; and the hub's late result of an aborted step closed its link."""
+    folder = make_model("gqa_tied", **VARIANTS["gqa_tied"])
+    secret = local_secret()
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    async with LocalCluster(2, secret, threads=1) as addresses, MeshEngine(folder, addresses, secret,
+                                                                           threads=1) as m:
+        fresh = (await m.generate(PROMPT, params, chat=False)).token_ids
+        for i in range(16):
+            async def run():
+                async for _ in m.stream(PROMPT, SamplingParams(max_tokens=100, ignore_eos=True), chat=False):
+                    pass
+
+            task = asyncio.ensure_future(run())
+            await asyncio.sleep(0.0015 * i)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            async with asyncio.timeout(10):
+                again = await m.generate(PROMPT, params, chat=False)
+            assert again.token_ids == fresh, f"after a cancel at {1.5 * i:.1f} ms"

@@ -42,7 +42,7 @@ async def run_mesh(folder, n, tmp_path, budget=None, **kw):
             return result, (await mesh.devices())[1:]
 
 
-@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("n", [1, pytest.param(3, marks=pytest.mark.slow)])
 async def test_same_tokens_with_and_without_a_budget(make_model, tmp_path, n):
     folder = make_model("sched", **MODEL)
     expected = await reference(folder)
@@ -113,6 +113,7 @@ async def test_a_full_disk_is_named_and_leaves_no_partial_file(make_model, tmp_p
         subprocess.run(["umount", str(small)], capture_output=True)
 
 
+@pytest.mark.slow
 async def test_a_device_in_a_memory_cgroup_below_its_share_completes(make_model, tmp_path):
     reason = unusable("memory")
     if reason:
@@ -269,7 +270,7 @@ def test_a_block_read_from_storage_leaves_other_threads_running(tmp_path):
 BIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4)
 
 
-@pytest.mark.parametrize("fraction", [4, 8])
+@pytest.mark.parametrize("fraction", [4, pytest.param(8, marks=pytest.mark.slow)])
 async def test_a_budget_bounds_the_devices_real_memory(make_model, tmp_path, fraction):
     """The device's peak RSS, read from /proc by this test (not the scheduler's own ledger), stays within its idle
     RSS plus the budget plus a small allowance for activations and buffers: released blocks really are released."""

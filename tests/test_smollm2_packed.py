@@ -102,6 +102,7 @@ async def test_packed_chat_answer_names_paris(packed):
     assert "Paris" in result.text and result.finish_reason == "stop"
 
 
+@pytest.mark.slow
 async def test_three_devices_packed_agree_with_one(packed, mesh3):
     """Three devices round their bf16 partial sums where one device rounds the whole: the same ids up to a genuine
     near-tie (the measured case: "Once upon a time" diverges at its 6th token, where the two likeliest logits of

@@ -19,6 +19,7 @@ REASON = unusable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"LAN testbed: {REASON}")
 
 
+@pytest.mark.slow
 async def test_four_namespaces_discover_generate_and_leave_nothing_behind(make_model, tmp_path):
     from meshllm import SamplingParams
 

@@ -64,7 +64,10 @@ class StarAllreduce:
         t1 = time.perf_counter()
         self.stats.framing_s += t1 - t
         try:
-            total = await asyncio.wait_for(fut, self.timeout)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that lands as the sum
+            # arrives, and an aborted request would then run on into rounds nobody else joins
+            async with asyncio.timeout(self.timeout):
+                total = await fut
         except TimeoutError as e:
             who = self.rounds.missing() if self.rounds else ["the hub"]
             raise MeshTimeoutError(f"allreduce round {key} timed out after {self.timeout} s waiting for rank(s) "

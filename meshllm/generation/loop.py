@@ -13,15 +13,21 @@ from .sampling import Sampler, SamplingParams
 
 
 class Backend(Protocol):
-    """Where the forward pass runs: one device, or a mesh of them."""
+    """Where the forward pass runs: one device, or a mesh of them.
+
+    KV prefix reuse: `reusable(ids)` is how many leading positions of `ids` the backend still holds in its KV
+    caches from the last request; `begin(capacity, keep)` keeps that many; `end(history)` says which ids the caches
+    now hold (None: nothing reusable, e.g. after a failure)."""
 
     config: ModelConfig
 
-    async def begin(self, capacity: int) -> None: ...
+    def reusable(self, ids: list[int]) -> int: ...
+
+    async def begin(self, capacity: int, keep: int = 0) -> None: ...
 
     async def next_token(self, ids: list[int], start: int, sampler: Sampler) -> int: ...
 
-    async def end(self) -> None: ...
+    async def end(self, history: list[int] | None = None) -> None: ...
 
     def abort(self, reason: str) -> None: ...
 
@@ -33,6 +39,7 @@ class Result:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was kept from the last request (not computed again)
     finish_reason: str = ""  # "stop" (EOS or a stop string) or "length"
     ttft_s: float = 0.0
     token_times: list[float] = field(default_factory=list)  # seconds since request start, per token
@@ -48,6 +55,7 @@ class Result:
             "text": self.text,
             "token_ids": list(self.token_ids),
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "finish_reason": self.finish_reason,
             "ttft_s": self.ttft_s,
             "token_latency_s": self.token_latency_s,
@@ -108,9 +116,14 @@ async def generate(backend: Backend, tokenizer, prompt_ids: list[int], params: S
     decoder = StreamDecoder(tokenizer)
     stopper = StopStrings(tuple(params.stop))
     eos = set() if params.ignore_eos else {*tokenizer.eos_ids, *config.eos_token_ids}
-    await backend.begin(n + max_new)
+    # the longest prefix the backend's caches still hold (at least the last prompt token is computed: its logits
+    # give the first new token)
+    keep = min(backend.reusable(prompt_ids), n - 1)
+    result.cached_tokens = keep
+    await backend.begin(n + max_new, keep)
+    history = None
     try:
-        ids, start = list(prompt_ids), 0
+        ids, start = list(prompt_ids[keep:]), keep
         result.finish_reason = "length"
         hit = False
         for _ in range(max_new):
@@ -132,6 +145,8 @@ async def generate(backend: Backend, tokenizer, prompt_ids: list[int], params: S
                 break
             start += len(ids)
             ids = [token]
+        # the caches hold every id fed so far: the prompt and each generated token but the last
+        history = list(prompt_ids) + result.token_ids[:-1]
         if not hit:
             piece, hit = stopper.push(decoder.flush())
             if not hit:
@@ -143,7 +158,8 @@ async def generate(backend: Backend, tokenizer, prompt_ids: list[int], params: S
                 yield piece
     except BaseException as e:
         # cancelled (Ctrl-C, a closed stream) or failed: tell every device to stop this request now
+        history = None
         backend.abort(f"{type(e).__name__}: {e}".rstrip(": "))
         raise
     finally:
-        await backend.end()
+        await backend.end(history)

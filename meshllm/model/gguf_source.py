@@ -132,6 +132,11 @@ class GGUFSource:
     def has(self, name: str) -> bool:
         return gguf_name(name) in self._tensors
 
+    def forget(self) -> None:
+        """Drop the file pages read so far from this process's memory (the page cache keeps them): loading copies
+        every tensor it keeps, so without this a process would hold the file beside its own weights."""
+        self._map.madvise(mmap.MADV_DONTNEED)
+
     def raw(self, name: str, rows: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
         """Rows of a tensor as stored, and its GGML type: F32/F16 as floats (rows, cols), other types as their raw
         bytes (rows, bytes per row; a row is whole blocks). q and k rows come in transformers' order."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from .shard import Shard
 from .source import ModelSource
 from .weights import ACT, Dense, DenseTable, FileRows, Format, Int4, Int8, PortableInt4, Weight, int4_fits, \
     int4_weight, int8_fits, kernels
+
+if TYPE_CHECKING:
+    from ..cluster.plan import Sizes
 
 log = logging.getLogger("meshllm.model")
 
@@ -100,17 +104,19 @@ class Int8Rows:
 Matrix = torch.Tensor | Int8Rows | PortableInt4  # a matrix as read for a shard, before it is built for a kernel
 
 
-CHUNK_ROWS = 2048  # rows quantized at a time: a dense copy of a whole large matrix is never held
+CHUNK_VALUES = 1 << 21  # values quantized at a time (8 MB in fp32; decoding a GGUF chunk takes a few times that):
+# a dense copy of a whole large matrix is never held, and loading's transient memory stays a few tens of MB
 
 
 def _matrix(src: ModelSource, name: str, shape: tuple[int, int], fmt: Format, rows=None, cols=None) -> Matrix:
-    """Rows/cols of one matrix in `fmt`'s portable form (dense ones as float32), read and quantized CHUNK_ROWS rows
-    at a time."""
+    """Rows/cols of one matrix in `fmt`'s portable form (dense ones as float32), read and quantized a chunk of
+    rows (CHUNK_VALUES values) at a time."""
     start, stop = rows or (0, shape[0])
-    if not fmt.quantized or stop - start <= CHUNK_ROWS:
+    step = max(1, CHUNK_VALUES // max(1, shape[1]))
+    if not fmt.quantized or stop - start <= step:
         return _matrix_rows(src, name, shape, fmt, rows, cols)
-    parts = [_matrix_rows(src, name, (min(stop, r + CHUNK_ROWS) - r, shape[1]), fmt, (r, min(stop, r + CHUNK_ROWS)),
-                          cols) for r in range(start, stop, CHUNK_ROWS)]
+    parts = [_matrix_rows(src, name, (min(stop, r + step) - r, shape[1]), fmt, (r, min(stop, r + step)), cols)
+             for r in range(start, stop, step)]
     return _cat_rows(parts)
 
 

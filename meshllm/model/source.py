@@ -37,6 +37,10 @@ class ModelSource(Protocol):
 
     def close(self) -> None: ...
 
+    def forget(self) -> None:
+        """Drop the file pages read so far from this process's memory (they stay in the page cache): a loader
+        calls it after each block it has made its own copy of, so the process never holds the file and the copy."""
+
 
 def open_model(path: str | os.PathLike) -> ModelSource:
     """Open a Hugging Face folder or a `.gguf` file."""
@@ -145,6 +149,9 @@ class SafetensorsSource:
     def close(self) -> None:
         self._handles.clear()
         self._mapped.clear()
+
+    def forget(self) -> None:
+        self.close()  # the maps are made again on the next read
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

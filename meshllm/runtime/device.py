@@ -8,7 +8,6 @@ task; an abort cancels the running step at once. A bad message closes only the l
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import logging
 import os
@@ -33,7 +32,7 @@ from ..scheduler.slices import BlockDamagedError, CacheError, SliceCache, block_
 from .blocks import BlockStore
 from ..net.link import Link, Timeouts, connect, new_connection, parse_address
 from ..wire.frames import DEFAULT_MAX_FRAME, check_tensor
-from .executors import compute_executor, cpu_count, io_executor, set_torch_threads
+from .executors import compute_executor, cpu_count, io_executor, release_heap, set_torch_threads
 from .originator import peak_rss_bytes
 from .tensors import from_record, to_record
 from .worker import ShardWorker, act_dtype, warm_up
@@ -73,6 +72,7 @@ class Session:
     finished_req: int = -1  # requests up to this id are over: their stray parts/sums are dropped
     open_req: int | None = None  # the request whose begin has arrived and whose end (or abort) has not
     capacity: int = 0  # positions the last begin to arrive made room for (its steps are checked against it)
+    kv_valid: int = 0  # positions of the KV caches the last request to end left for the next to reuse
     attached: asyncio.Future | None = None  # on a worker: the hub accepted our attach
     slices: asyncio.Queue | None = None  # streamed block chunks, one in flight
     store: BlockStore | None = None
@@ -220,8 +220,13 @@ class Device:
             # a request is open from the arrival of its begin to the arrival of its end (queued or running)
             if kind == "begin":
                 session.open_req, session.capacity = msg["req"], msg["capacity"]
-            elif kind == "end" and session.open_req == msg["req"]:
-                session.open_req = None
+                # a prefix this device no longer holds (an abort dropped it) fails the request, never its output
+                msg["reuse"] = msg.get("keep", 0) if msg.get("keep", 0) <= session.kv_valid else -1
+                session.kv_valid = 0  # the caches change from here on
+            elif kind == "end":
+                if session.open_req == msg["req"]:
+                    session.open_req = None
+                session.kv_valid = min(msg.get("kept", 0), session.capacity)
         elif kind == "abort":
             session = self._session_of(link, msg)
             log.info("session %s: request %s aborted by the originator: %s", session.id, msg["req"], msg["reason"])
@@ -377,7 +382,8 @@ class Device:
         try:
             while True:
                 try:
-                    msg = await asyncio.wait_for(session.slices.get(), self.timeouts.load)
+                    async with asyncio.timeout(self.timeouts.load):  # not wait_for: it can drop a cancellation
+                        msg = await session.slices.get()
                 except TimeoutError:
                     raise MeshTimeoutError(f"no slice data from the originator for {self.timeouts.load} s") from None
                 if writer is None:
@@ -470,21 +476,26 @@ class Device:
         if kind == "begin":
             session.disk_mark = session.store.disk_read_bytes  # disk_read_bytes counts per request
             session.store.rewind()  # an aborted request may have left the window anywhere
-            await loop.run_in_executor(self._compute, session.worker.begin, msg["capacity"])
+            if msg["reuse"] < 0:
+                raise MeshError(f"asked to keep {msg['keep']} cached positions, but this device's KV caches were "
+                                f"dropped since (an aborted request): run the request again")
+            await loop.run_in_executor(self._compute, session.worker.begin, msg["capacity"], msg["reuse"])
         elif kind == "end":
             session.finished_req = max(session.finished_req, msg["req"])
-            await loop.run_in_executor(self._compute, session.worker.end)
+            await loop.run_in_executor(self._compute, session.worker.end, msg.get("kept", 0) > 0)
         else:
             await self._step(session, msg)
 
     def _check_command(self, session: Session, msg: dict[str, Any]) -> None:
         """Fields of begin/step/end, checked before anything acts on them (raises ProtocolError)."""
-        for key in ("req", "capacity", "start", "step"):
+        for key in ("req", "capacity", "start", "step", "keep", "kept"):
             if key in msg and (type(msg[key]) is not int or msg[key] < 0):
                 raise ProtocolError(f"{msg['t']!r} field {key!r} must be a non-negative integer")
         context = session.worker.config.max_position_embeddings
         if msg["t"] == "begin" and not 0 < msg["capacity"] <= context:
             raise ProtocolError(f"begin capacity {msg['capacity']} outside 1..{context}")
+        if msg["t"] == "begin" and msg.get("keep", 0) >= msg["capacity"]:
+            raise ProtocolError(f"begin keeps {msg['keep']} positions of a request of {msg['capacity']}")
         if msg["t"] == "step" and msg["start"] >= context:
             raise ProtocolError(f"step start {msg['start']} beyond the context of {context}")
         if msg["t"] == "step":
@@ -507,6 +518,8 @@ class Device:
         store = session.store
         for layer in range(session.worker.config.num_layers):
             for phase in (0, 1):
+                if req <= session.finished_req:  # aborted: stop at the next phase whatever the awaits did
+                    raise asyncio.CancelledError(f"request {req} was aborted")
                 block = await store.get(2 * layer + phase)  # resident, or read now (the window prefetches ahead)
                 t = time.perf_counter()
                 x, part = await loop.run_in_executor(self._compute, self._phase, session.worker, layer, phase, x,
@@ -537,6 +550,7 @@ class Device:
     def _abort_request(self, session: Session, req: int, reason: str) -> None:
         """Stop `req` now: drop its queued commands, cancel its running step."""
         session.finished_req = max(session.finished_req, req)
+        session.kv_valid = 0  # whatever the caches hold now is not a clean prefix
         if session.open_req is not None and session.open_req <= req:
             session.open_req = None
         session.reduce.abort(req)
@@ -580,14 +594,6 @@ class Device:
     async def serve_until(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set."""
         await stop.wait()
-
-
-def release_heap() -> None:
-    """Return the C heap's free pages to the OS (glibc's malloc_trim; nothing elsewhere)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def storage_read_bytes() -> int:

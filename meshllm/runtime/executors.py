@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,3 +37,12 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def release_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc's malloc_trim; nothing elsewhere): loading frees many
+    temporaries (dequantized chunks, file reads) that would otherwise stay in the process for its life."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

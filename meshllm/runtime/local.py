@@ -61,15 +61,19 @@ class LocalEngine(Originator):
     def _step(self, ids: list[int], start: int, sampler: Sampler) -> int:
         return sampler(self.forward_sync(ids, start)[-1])
 
-    async def begin(self, capacity: int) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._compute, self.worker.begin, capacity)
+    async def begin(self, capacity: int, keep: int = 0) -> None:
+        self._kv_ids = []
+        await asyncio.get_running_loop().run_in_executor(self._compute, self.worker.begin, capacity, keep)
 
     async def next_token(self, ids: list[int], start: int, sampler: Sampler) -> int:
         # one executor job per token: with no peers there is nothing to await between layers
         return await asyncio.get_running_loop().run_in_executor(self._compute, self._step, ids, start, sampler)
 
-    async def end(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._compute, self.worker.end)
+    async def end(self, history: list[int] | None = None) -> None:
+        keep = history is not None and self.reuse_prefix
+        await asyncio.get_running_loop().run_in_executor(self._compute, self.worker.end, keep)
+        if keep:
+            self._kv_ids = list(history)
 
     async def devices(self) -> list[dict]:
         """One entry: this device holds the whole model."""

@@ -167,6 +167,7 @@ class MeshEngine(Originator):
             # the portable form (int4 as plain nibbles): the device turns it into its own kernels' layout
             cut = attn_tensors if index % 2 == 0 else mlp_tensors
             data = serialize_block(cut(src, layer, shard, self.dtype, self.format))
+            src.forget()
             return data, hashlib.sha256(data).hexdigest()
 
         sent, t0, shown = 0, time.perf_counter(), -1
@@ -209,6 +210,7 @@ class MeshEngine(Originator):
             self.weights = None  # split weights were per address: the new plan uses what devices advertise
             self.session = uuid.uuid4().hex[:12]
             self.plan = None
+            self._kv_ids = []  # a new session: the devices hold no caches of ours
             self._failure = None
             self._pending.clear()
             self._active = False
@@ -226,6 +228,8 @@ class MeshEngine(Originator):
         if msg.get("session") != self.session:
             raise ProtocolError(f"{kind!r} for session {msg.get('session')!r}, expected {self.session}")
         if kind == "result":
+            if type(msg["req"]) is int and (msg["req"] < self.req or not self._active and msg["req"] == self.req):
+                return  # the hub's answer to a step of a request that was aborted meanwhile
             key = ("result", (msg["req"], msg["step"]))
         elif kind == "abort":
             if msg["req"] == self.req:  # an abort of an earlier request (which already ended) is old news
@@ -244,7 +248,7 @@ class MeshEngine(Originator):
             raise ProtocolError(f"an originator does not accept {kind!r} messages")
         fut = self._pending.get(key)
         if fut is None or fut.done():
-            raise ProtocolError(f"unexpected {kind!r} from {link.peer}")
+            raise ProtocolError(f"unexpected {kind!r} for {key[1]} from {link.peer} (request {self.req} is running)")
         fut.set_result(msg)
 
     def _on_close(self, link: Link, error: BaseException | None) -> None:
@@ -294,20 +298,27 @@ class MeshEngine(Originator):
 
     # -- Backend -------------------------------------------------------------------------------------------
 
-    async def begin(self, capacity: int) -> None:
+    async def begin(self, capacity: int, keep: int = 0) -> None:
         if self._failure is not None and all(m.link.is_open for m in self.members):
             self._failure = None  # the last request failed on a device, but every device is still here
         self.req += 1
         self.step = 0
         self._active = True
-        self._broadcast({"t": "begin", "session": self.session, "req": self.req, "capacity": capacity})
+        self._kv_ids = []
+        msg = {"t": "begin", "session": self.session, "req": self.req, "capacity": capacity}
+        if keep:
+            msg["keep"] = keep
+        self._broadcast(msg)
 
-    async def end(self) -> None:
+    async def end(self, history: list[int] | None = None) -> None:
         self._active = False
         if self._failure is None:
+            kept = len(history) if history is not None and self.reuse_prefix else 0
             for m in self.members:
                 if m.link.is_open:
-                    m.link.send({"t": "end", "session": self.session, "req": self.req})
+                    m.link.send({"t": "end", "session": self.session, "req": self.req, "kept": kept})
+            if kept:
+                self._kv_ids = list(history)
 
     def abort(self, reason: str) -> None:
         if not self._active:
@@ -335,7 +346,8 @@ class MeshEngine(Originator):
             self._broadcast({"t": "step", "session": self.session, "req": self.req, "step": self.step,
                              "start": start, "x": to_record(x)})
             try:
-                msg = await asyncio.wait_for(fut, self.timeouts.step)
+                async with asyncio.timeout(self.timeouts.step):  # not wait_for: it can drop a cancellation
+                    msg = await fut
             except TimeoutError as e:
                 raise MeshTimeoutError(f"step {self.step} got no result from the hub within "
                                        f"{self.timeouts.step} s") from e

@@ -22,8 +22,9 @@ from ..generation.sampling import Sampler, SamplingParams
 from ..model.layers import HeadWeights, embed, logits
 from ..model.loader import format_sizes, load_head, resolve_dtype, resolve_format
 from ..model.weights import Format
+from ..model.hub import resolve_model
 from ..model.source import ModelSource, open_model
-from .executors import compute_executor, io_executor, set_torch_threads
+from .executors import compute_executor, io_executor, release_heap, set_torch_threads
 
 log = logging.getLogger("meshllm.runtime")
 
@@ -57,6 +58,10 @@ class Originator:
         self._head_src = None
         self.dtype: torch.dtype = torch.float32
         self.load_s = 0.0
+        # KV prefix reuse: the caches keep the last request's ids, and a request that starts with them computes
+        # only what follows (a multi-turn chat prefills only the new turn)
+        self.reuse_prefix = True
+        self._kv_ids: list[int] = []
 
     async def __aenter__(self):
         t0 = time.perf_counter()
@@ -88,6 +93,7 @@ class Originator:
         from ..tokenizer import load_tokenizer
 
         set_torch_threads(self.threads)
+        self.model_path = resolve_model(self.model_path)  # a Hub repo id is fetched once (I/O thread)
         src = open_model(self.model_path)
         try:
             self.config = src.config
@@ -96,7 +102,9 @@ class Originator:
             self.sizes = format_sizes(self.format, src, self.dtype)
             self.tokenizer = load_tokenizer(src.path)
             self.head = load_head(src, self.dtype, self.format)
+            src.forget()
             self._load_more(src)
+            release_heap()
         except BaseException:
             src.close()
             raise
@@ -116,10 +124,21 @@ class Originator:
     async def _stop(self) -> None:
         """Tear down what `_start` brought up."""
 
-    async def begin(self, capacity: int) -> None:
+    def reusable(self, ids: list[int]) -> int:
+        """How many leading ids of `ids` the KV caches hold from the last request (0 when reuse is off)."""
+        if not self.reuse_prefix:
+            return 0
+        n = 0
+        for a, b in zip(self._kv_ids, ids):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    async def begin(self, capacity: int, keep: int = 0) -> None:
         raise NotImplementedError
 
-    async def end(self) -> None:
+    async def end(self, history: list[int] | None = None) -> None:
         raise NotImplementedError
 
     def abort(self, reason: str) -> None:

@@ -10,6 +10,7 @@ from ..model.loader import load_attn_block, load_mlp_block
 from ..model.weights import ACT, Format
 from ..model.shard import Shard
 from ..model.source import ModelSource
+from .executors import release_heap
 
 
 def act_dtype(dtype: torch.dtype, fmt: Format) -> torch.dtype:
@@ -35,23 +36,34 @@ class ShardWorker:
         """Read this shard's slices of every layer (blocking: call from the I/O executor)."""
         c = src.config
         shard.check(c)
-        attn = [load_attn_block(src, i, shard, dtype, fmt) for i in range(c.num_layers)]
-        mlp = [load_mlp_block(src, i, shard, dtype, fmt) for i in range(c.num_layers)]
+        attn, mlp = [], []
+        for i in range(c.num_layers):
+            attn.append(load_attn_block(src, i, shard, dtype, fmt))
+            mlp.append(load_mlp_block(src, i, shard, dtype, fmt))
+            src.forget()  # the file's pages of this layer: copied, so not held twice
+            release_heap()  # nor the temporaries its conversion freed
         return cls(c, shard, attn, mlp, dtype, act_dtype(dtype, fmt))
 
     def weight_bytes(self) -> int:
         return sum(b.nbytes() for b in self.attn_blocks) + sum(b.nbytes() for b in self.mlp_blocks)
 
-    def begin(self, capacity: int) -> None:
-        """Fresh KV caches for a new request of up to `capacity` positions."""
+    def begin(self, capacity: int, keep: int = 0) -> None:
+        """KV caches for a new request of up to `capacity` positions: the last request's first `keep` positions
+        kept (its prompt prefix, which the new prompt shares), the rest fresh."""
         kv0, kv1 = self.shard.kv_range(self.config)
-        self.caches = [LayerKV(kv1 - kv0, self.config.head_dim, capacity, self.act_dtype)
-                       for _ in range(self.config.num_layers)]
-        self.capacity = capacity
+        if keep and self.caches:
+            # positions keep.. are overwritten as the request runs; a cache grows (copying 0..keep) when it must
+            self.capacity = max(capacity, self.capacity)
+        else:
+            self.caches = [LayerKV(kv1 - kv0, self.config.head_dim, capacity, self.act_dtype)
+                           for _ in range(self.config.num_layers)]
+            self.capacity = capacity
         self._cos_sin = None
 
-    def end(self) -> None:
-        self.caches = []
+    def end(self, keep: bool = False) -> None:
+        """The request is over: drop the KV caches, or keep them for the next request's shared prefix."""
+        if not keep:
+            self.caches = []
 
     def _rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         # every layer of a step shares the same positions: compute cos/sin once per step

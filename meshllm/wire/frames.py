@@ -13,7 +13,8 @@ import msgpack
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 3  # 2: beat frames (link liveness); 3: weight formats (load carries `format`)
+PROTOCOL_VERSION = 4  # 2: beat frames (link liveness); 3: weight formats (load carries `format`);
+# 4: KV prefix reuse (begin may carry `keep`, end `kept`)
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 2**20
 
