@@ -228,9 +228,14 @@ class MeshEngine(Originator):
         if msg.get("session") != self.session:
             raise ProtocolError(f"{kind!r} for session {msg.get('session')!r}, expected {self.session}")
         if kind == "result":
-            if type(msg["req"]) is int and (msg["req"] < self.req or not self._active and msg["req"] == self.req):
-                return  # the hub's answer to a step of a request that was aborted meanwhile
             key = ("result", (msg["req"], msg["step"]))
+            req, step = key[1]
+            waiting = self._pending.get(key)
+            if waiting is not None and waiting.cancelled() or waiting is None and type(req) is int and (
+                    req < self.req or req == self.req and type(step) is int and step <= self.step):
+                # the hub's answer to a step we stopped waiting for: cancelled (the wait's cleanup may not have run
+                # yet) or aborted; only an answer to a step never sent, or a second answer, breaks the protocol
+                return
         elif kind == "abort":
             if msg["req"] == self.req:  # an abort of an earlier request (which already ended) is old news
                 self._fail(RemoteError(f"device {link.peer} stopped request {msg['req']}: {msg['reason']}"))
