@@ -96,7 +96,9 @@ class Mesh:
                 from .discovery.mdns import Browser
 
                 from .runtime.mesh import MeshEngine
+                from .wire.keys import warn_if_weak
 
+                warn_if_weak(self._secret, log)
                 self.mesh_id = await asyncio.to_thread(mesh_id, self._secret)
                 self._browser = await self._stack.enter_async_context(Browser(self.interface))
                 # the head and tokenizer load while the devices are being found

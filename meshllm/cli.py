@@ -548,6 +548,7 @@ async def _cmd_join(args: argparse.Namespace) -> int:
     from .runtime.executors import cpu_count
     from .runtime.launcher import READY
     from .wire.frames import PROTOCOL_VERSION
+    from .wire.keys import warn_if_weak
 
     if args.cpus:
         try:
@@ -563,6 +564,7 @@ async def _cmd_join(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     secret = secret_bytes(args.secret)
+    warn_if_weak(secret, log)
     if args.name is not None and (len(args.name) > 40 or not valid_node_id(args.name)):
         raise MeshError(f"--name {args.name!r}: use 1 to 40 letters, digits, '-', '_' and '.'")
     args.interface = args.interface or os.environ.get("MESHLLM_INTERFACE") or None

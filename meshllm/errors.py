@@ -13,6 +13,7 @@ MeshError
  ├── PlanError                  no split of the model fits these devices (says why)
  └── LinkError                  a link to a peer failed
       ├── ProtocolError         the peer sent bytes that are not our protocol (the link is closed)
+      │    └── IntegrityError   a sealed frame failed to open: altered, replayed or reordered on the way
       ├── HandshakeError        the peer was refused, or refused us
       │    ├── AuthenticationError   a different mesh secret
       │    └── VersionMismatchError  a different protocol version
@@ -74,6 +75,10 @@ class LinkError(MeshError):
 
 class ProtocolError(LinkError):
     """The peer sent bytes that are not our protocol."""
+
+
+class IntegrityError(ProtocolError):
+    """A sealed frame failed to open: it was altered, replayed, reordered or dropped on the way."""
 
 
 class HandshakeError(LinkError):

@@ -5,7 +5,9 @@ and decode with devices pinned to one core each (N=2 vs N=1).
 
 allreduce: N processes on loopback, one member each; a round's latency is timed on rank 1 (a non-hub worker for
 our star), median and p99 over rounds; the wire floor is a plain-socket ping-pong of the same payload, so
-"overhead" = our N=2 round - that round trip. decode: `LocalCluster` + `MeshEngine`, 32-token prompt, greedy; the
+"overhead" = our N=2 round - that round trip; "sealing" = what the AEAD adds to the two hops on a round's critical
+path at N=2 (a worker's part up, the sum down), measured in process: one hop sealed against the same hop with the
+AEAD replaced by a no-op of the same frame size, interleaved, best median of each. decode: `LocalCluster` + `MeshEngine`, 32-token prompt, greedy; the
 breakdown comes from each device's counters, with a prefill-only request subtracted. Writes
 benchmarks/mesh.json. The machine is shared and has 2 cores: N > 2 processes time-share them.
 """
@@ -35,6 +37,22 @@ def pct(xs: list[float], q: float) -> float:
 
 
 # -- members (run in child processes) -------------------------------------------------------------------------
+
+class _ClearSealer:
+    """Measurement control only (never in meshllm): frames the size sealed ones have, without the AEAD."""
+
+    def __init__(self, cipher: str, key: bytes) -> None:
+        pass
+
+    def seal(self, header: bytes, body: bytes) -> bytes:
+        return body + bytes(16)
+
+    def frame(self, header: bytes, body: bytes) -> bytes:
+        return header + body + bytes(16)
+
+    def open(self, header: bytes, sealed) -> bytes:
+        return bytes(sealed[:-16])
+
 
 async def _star_member(rank: int, world: int, port: int, nbytes: int, rounds: int) -> None:
     import torch
@@ -138,6 +156,52 @@ def _run_group(kind: str, world: int, nbytes: int, rounds: int) -> list[float]:
     return results[1]
 
 
+def _ready_pair():
+    from meshllm.wire.connection import Connection
+
+    a = Connection(SECRET, "a", os.urandom(32), initiator=True)
+    b = Connection(SECRET, "b", os.urandom(32), initiator=False)
+    a.start()
+    b.start()
+    for _ in range(3):
+        for src, dst in ((a, b), (b, a)):
+            data = src.data_to_send()
+            if data:
+                dst.receive_data(data)
+    return a, b
+
+
+def seal_cost(nbytes: int, n: int = 3000, reps: int = 5) -> dict:
+    """One hop of a `part` frame (encode + seal on one side, open + decode on the other), in process, sealed and
+    with the AEAD replaced by a no-op of the same frame size, interleaved: the best median of each."""
+    import meshllm.wire.connection as conn
+    from meshllm.wire.frames import tensor_record
+
+    real = conn.Sealer, conn.Opener
+    msg = {"t": "part", "req": 1, "step": 0, "layer": 0, "phase": 0, "rank": 1,
+           "x": tensor_record("float32", [1, 1, nbytes // 4], os.urandom(nbytes))}
+
+    def hop() -> float:
+        a, b = _ready_pair()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            b.receive_data(a.encode(msg))
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e6
+
+    sealed, clear = [], []
+    try:
+        for _ in range(reps):
+            conn.Sealer, conn.Opener = real
+            sealed.append(hop())
+            conn.Sealer = conn.Opener = _ClearSealer
+            clear.append(hop())
+    finally:
+        conn.Sealer, conn.Opener = real
+    return {"hop_sealed_us": min(sealed), "hop_clear_us": min(clear), "per_hop_us": min(sealed) - min(clear)}
+
+
 def bench_allreduce(args) -> list[dict]:
     rows = []
     rounds, warm = (150, 20) if args.quick else (600, 50)
@@ -147,12 +211,14 @@ def bench_allreduce(args) -> list[dict]:
     for nbytes in sizes:
         lat = _run_group("pingpong", 2, nbytes, rounds)[warm:]
         wire[nbytes] = statistics.median(lat)
+    sealing = {n: seal_cost(n)["per_hop_us"] for n in sizes}
     for world in (2, 4, 8):
         for nbytes in sizes:
             ours = _run_group("star", world, nbytes, rounds)[warm:]
             gloo = _run_group("gloo", world, nbytes, rounds)[warm:]
             row = {"N": world, "payload_bytes": nbytes,
                    "star_p50_us": statistics.median(ours) * 1e6, "star_p99_us": pct(ours, 0.99) * 1e6,
+                   "sealing_us": 2 * sealing[nbytes],
                    "gloo_p50_us": statistics.median(gloo) * 1e6, "gloo_p99_us": pct(gloo, 0.99) * 1e6,
                    "tcp_pingpong_p50_us": wire[nbytes] * 1e6}
             row["star_vs_gloo"] = row["star_p50_us"] / row["gloo_p50_us"]
@@ -273,12 +339,12 @@ def print_tables(out: dict) -> None:
     if "allreduce" in out:
         print("\nallreduce round latency on loopback (rank 1, microseconds)")
         print(f"{'N':>3}{'payload':>9}{'star p50':>10}{'p99':>9}{'gloo p50':>10}{'p99':>9}{'star/gloo':>11}"
-              f"{'tcp rtt':>9}{'overhead':>10}")
+              f"{'tcp rtt':>9}{'overhead':>10}{'sealing':>9}")
         for r in out["allreduce"]:
             ov = f"{r['software_overhead_us']:10.1f}" if "software_overhead_us" in r else f"{'':>10}"
             print(f"{r['N']:>3}{r['payload_bytes']:>9}{r['star_p50_us']:>10.1f}{r['star_p99_us']:>9.1f}"
                   f"{r['gloo_p50_us']:>10.1f}{r['gloo_p99_us']:>9.1f}{r['star_vs_gloo']:>11.2f}"
-                  f"{r['tcp_pingpong_p50_us']:>9.1f}{ov}")
+                  f"{r['tcp_pingpong_p50_us']:>9.1f}{ov}{r.get('sealing_us', float('nan')):>9.1f}")
     for key, title in (("decode", "decode (ms per token)"), ("decode_pinned", "decode, one core per device (ms)")):
         if key not in out:
             continue

@@ -44,7 +44,6 @@ WHY = ("mutmut, not cosmic-ray: mutmut forks every mutant from one process that 
 
 # Survivors that no test can kill: (module, function, original line, mutated line) -> why the mutant behaves as the
 # original. Lines as `mutmut show` prints them, stripped.
-_UNPACK = "msg = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)"
 _MSGPACK_DEFAULT = "msgpack>=1.0 (install_requires) has this as its default: the argument only says it out loud"
 _SIZE = "b = DTYPE_SIZES.get(dtype, 4)"
 _UNKNOWN_DTYPE = ("the fallback for a dtype name outside DTYPE_SIZES is never taken: every caller passes a compute "
@@ -55,34 +54,8 @@ _TOP_P = ("top_p is at most 1 (SamplingParams.check); at 1 the filter drops only
           "which already have probability 0, so running it or not gives the same distribution")
 _CLOSED = "unreachable for 'closed': receive_eof returns at its first line when the state is 'closed'"
 EQUIVALENT: dict[tuple[str, str, str, str], str] = {
-    ("wire/frames.py", "decode_body", _UNPACK,
-     "msg = msgpack.unpackb(body, raw=None, strict_map_key=True, use_list=True)"):
-        "msgpack reads raw as a flag: None is false, the same as raw=False",
-    ("wire/frames.py", "decode_body", _UNPACK, "msg = msgpack.unpackb(body, strict_map_key=True, use_list=True)"):
-        _MSGPACK_DEFAULT,
-    ("wire/frames.py", "decode_body", _UNPACK, "msg = msgpack.unpackb(body, raw=False, use_list=True)"):
-        _MSGPACK_DEFAULT,
-    ("wire/frames.py", "decode_body", _UNPACK, "msg = msgpack.unpackb(body, raw=False, strict_map_key=True, )"):
-        _MSGPACK_DEFAULT,
-    ("wire/frames.py", "encode_frame", "body = msgpack.packb(message, use_bin_type=True)",
+    ("wire/frames.py", "encode_body", "body = msgpack.packb(message, use_bin_type=True)",
      "body = msgpack.packb(message, )"): _MSGPACK_DEFAULT,
-    ("wire/connection.py", "_mac", 'msg = b"".join(len(f).to_bytes(4, "big") + f for f in fields)',
-     'msg = b"".join(len(f).to_bytes(4, ) + f for f in fields)'):
-        "int.to_bytes defaults to big-endian from Python 3.11, the oldest meshllm runs on (python_requires)",
-    ("wire/connection.py", "Connection._handshake",
-     "if not isinstance(mac, bytes) or not hmac.compare_digest(mac, self._proof(mine=False)):",
-     "if not isinstance(mac, bytes) or not hmac.compare_digest(mac, self._proof(mine=None)):"):
-        "_proof reads mine as a flag (`i_am if mine else they_are`): None is false, the same as False",
-    ("wire/connection.py", "Connection._proof", "assert self._peer_nonce is not None and self.peer_id is not None",
-     "assert self._peer_nonce is not None or self.peer_id is not None"):
-        "an invariant that holds both ways: the peer's nonce and id are set together, in the hello branch, and "
-        "_proof runs only after it",
-    ("wire/connection.py", "Connection.close_with_error",
-     'self._out.append(encode_frame({"t": "error", "code": code, "reason": reason}, self.max_frame))',
-     'self._out.append(encode_frame({"t": "error", "code": code, "reason": reason}, ))'):
-        "equivalent for every link meshllm makes: the two limits differ only for an error frame longer than the "
-        "link's frame limit, but error frames are a code and a short reason (meshllm's own text, peer-chosen parts "
-        "cut to 40 characters), and every link is made with the 64 MiB default (net/link.py, runtime/)",
     ("wire/connection.py", "Connection.receive_eof", 'if self.state not in ("ready", "closed"):',
      'if self.state not in ("ready", "XXclosedXX"):'): _CLOSED,
     ("wire/connection.py", "Connection.receive_eof", 'if self.state not in ("ready", "closed"):',

@@ -5,6 +5,7 @@ MeshTimeoutError naming its phase, a block damaged in transit is fetched again, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import socket
@@ -14,7 +15,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgpack
 import pytest
 import pytest_asyncio
 
@@ -28,7 +28,7 @@ from meshllm.runtime.launcher import READY
 from meshllm.runtime.local import LocalEngine
 from meshllm.runtime.mesh import MeshEngine, local_secret
 from meshllm.scheduler.slices import block_name
-from meshllm.wire.frames import HEADER, encode_frame, tensor_record
+from meshllm.wire.frames import tensor_record
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -167,7 +167,7 @@ class Peer:
 
     def send(self, *messages: dict) -> None:
         """Write the messages in one burst (encoded here: no check on what they hold)."""
-        self.link.transport.write(b"".join(encode_frame(m) for m in messages))
+        self.link.transport.write(b"".join(self.link.conn.encode(m) for m in messages))
 
     async def expect(self, kind: str, timeout: float = 10.0) -> dict:
         msg = await asyncio.wait_for(self.inbox.get(), timeout)
@@ -627,73 +627,42 @@ async def test_an_allreduce_round_times_out_naming_who_is_missing(cluster, silen
 # -- a slice damaged in transit -----------------------------------------------------------------------------------
 
 
-class Damaging:
-    """A relay to a device that flips one byte in the data of `slice` frames of the first block it sees streamed:
-    in the first `times` of them (None: all). It counts the `need` frames the device sends back."""
+class Damaging(MeshEngine):
+    """An originator whose `slice` frames of the first block it streams carry one flipped byte, in the first `times`
+    of them (None: all): damage the link's seal cannot see (a bad disk or memory on the way to the socket). It
+    records the blocks the device asks for, each time."""
 
-    def __init__(self, target: str, times: int | None) -> None:
-        self.host, port = target.rsplit(":", 1)
-        self.port, self.times = int(port), times
+    def __init__(self, *args, times: int | None, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.times = times
         self.block: int | None = None
         self.damaged = 0
         self.needs: list[list[int]] = []
-        self.writers: list[asyncio.StreamWriter] = []
 
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc) -> None:
-        self.server.close()
-        for w in self.writers:
-            w.close()
-
-    async def _handle(self, reader, writer) -> None:
-        up_r, up_w = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 5)
-        self.writers += [writer, up_w]
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._pump(reader, up_w, self._to_device))
-            tg.create_task(self._pump(up_r, writer, self._to_originator))
-
-    @staticmethod
-    async def _pump(src, dst, each) -> None:
-        buf = bytearray()
+    async def _stream_blocks(self, m, shard, blocks):
+        self.needs.append(list(blocks))
+        m.link.send = functools.partial(self._send, type(m.link).send.__get__(m.link))
         try:
-            while data := await src.read(1 << 16):
-                buf += data
-                while len(buf) >= HEADER.size and len(buf) >= HEADER.size + HEADER.unpack_from(buf)[0]:
-                    end = HEADER.size + HEADER.unpack_from(buf)[0]
-                    dst.write(each(bytes(buf[:end])))
-                    del buf[:end]
-        except ConnectionError:
-            pass
+            await super()._stream_blocks(m, shard, blocks)
         finally:
-            dst.close()
+            del m.link.send
 
-    def _to_device(self, frame: bytes) -> bytes:
-        msg = msgpack.unpackb(frame[HEADER.size:], raw=False)
-        if msg.get("t") != "slice" or not msg["data"]:
-            return frame
-        if self.block is None:
-            self.block = msg["block"]
-        if msg["block"] != self.block or (self.times is not None and self.damaged >= self.times):
-            return frame
-        self.damaged += 1
-        data = bytearray(msg["data"])
-        data[len(data) // 2] ^= 0x01
-        return encode_frame({**msg, "data": bytes(data)})
-
-    def _to_originator(self, frame: bytes) -> bytes:
-        msg = msgpack.unpackb(frame[HEADER.size:], raw=False)
-        if msg.get("t") == "need":
-            self.needs.append(msg["blocks"])
-        return frame
+    def _send(self, send, msg: dict) -> None:
+        if msg["t"] == "slice" and msg["data"]:
+            if self.block is None:
+                self.block = msg["block"]
+            if msg["block"] == self.block and (self.times is None or self.damaged < self.times):
+                self.damaged += 1
+                data = bytearray(msg["data"])
+                data[len(data) // 2] ^= 0x01
+                msg = {**msg, "data": bytes(data)}
+        send(msg)
 
 
-async def test_a_block_damaged_in_transit_is_fetched_again(cluster, make_model):
+async def test_a_block_damaged_on_the_way_is_fetched_again(cluster, make_model):
     folder = make_model("damaged_once", seed=11, **MODEL)  # weights no device has cached: they are streamed
-    relay = Damaging(cluster.addresses[0], times=1)
-    async with asyncio.timeout(60), relay as address, MeshEngine(folder, [address], cluster.secret) as engine:
+    relay = Damaging(folder, cluster.addresses[:1], cluster.secret, times=1)
+    async with asyncio.timeout(60), relay as engine:
         result = await engine.generate(PROMPT, PARAMS, chat=False)
     assert result.token_ids == await reference_ids(folder)
     assert relay.damaged == 1
@@ -702,11 +671,11 @@ async def test_a_block_damaged_in_transit_is_fetched_again(cluster, make_model):
 
 async def test_a_block_damaged_on_every_attempt_fails_the_load_naming_it(cluster, make_model):
     folder = make_model("damaged_always", seed=12, **MODEL)
-    relay = Damaging(cluster.addresses[0], times=None)
-    async with asyncio.timeout(60), relay as address:
+    relay = Damaging(folder, cluster.addresses[:1], cluster.secret, times=None)
+    async with asyncio.timeout(60):
         with pytest.raises(RemoteError, match=rf"failed loading its shard: CacheError: block "
                                               rf"{block_name(0)} arrived damaged {BLOCK_RETRIES + 1} times"):
-            async with MeshEngine(folder, [address], cluster.secret):
+            async with relay:
                 pass
     assert relay.block == 0 and relay.damaged == BLOCK_RETRIES + 1
     assert relay.needs[1:] == [[0]] * BLOCK_RETRIES

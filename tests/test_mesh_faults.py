@@ -25,7 +25,7 @@ from meshllm.net.link import Link, Timeouts, connect
 from meshllm.runtime.launcher import LocalCluster
 from meshllm.runtime.mesh import MeshEngine, local_secret
 from meshllm.wire.connection import Connection
-from meshllm.wire.frames import HEADER, PROTOCOL_VERSION, encode_frame
+from meshllm.wire.frames import HEADER, PROTOCOL_VERSION
 
 PROMPT = "the quick brown fox"
 
@@ -117,7 +117,7 @@ async def test_malformed_input_closes_only_that_link(make_model, tmp_path):
             # an authenticated peer that sends an unknown message type is cut off
             host, port = target.rsplit(":", 1)
             rogue = await connect(host, int(port), secret, "rogue")
-            rogue.transport.write(encode_frame({"t": "warp-drive", "x": 1}))
+            rogue.transport.write(rogue.conn.encode({"t": "warp-drive", "x": 1}))
             await asyncio.wait_for(rogue.closed, 5)
             assert "unknown message type" in str(rogue.error)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 
 import pytest
 
@@ -20,11 +21,12 @@ def _decode(**changes) -> PeerRecord:
     return decode(props, ("192.0.2.7",), 7340)
 
 
-def test_the_mesh_id_is_pbkdf2_of_the_secret():
-    # the spec: PBKDF2-HMAC-SHA256 (RFC 8018) of the secret, salt "meshllm mesh id v1", 100,000 iterations, 8 bytes
-    # of output as 16 lowercase hex digits
+def test_the_mesh_id_is_an_hmac_under_the_scrypt_stretched_key():
+    # the spec: scrypt (RFC 7914; N=2^15, r=8, p=1, salt "meshllm mesh key v1", 32 bytes) of the secret, then
+    # HMAC-SHA256 of "meshllm mesh id v2" under it; 8 bytes as 16 lowercase hex digits
     for secret in (b"secret-one", b"secret-two", b"", "caf\u00e9 \U0001f511".encode(), bytes(range(256))):
-        expected = hashlib.pbkdf2_hmac("sha256", secret, b"meshllm mesh id v1", 100_000, dklen=8).hex()
+        key = hashlib.scrypt(secret, salt=b"meshllm mesh key v1", n=2**15, r=8, p=1, maxmem=2**26, dklen=32)
+        expected = hmac.new(key, b"meshllm mesh id v2", hashlib.sha256).digest()[:8].hex()
         assert mesh_id(secret) == expected
 
 

@@ -9,12 +9,17 @@ import re
 
 import msgpack
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshllm.errors import (
     AuthenticationError,
     HandshakeError,
+    IntegrityError,
     LinkError,
     ProtocolError,
     RemoteError,
@@ -38,6 +43,13 @@ NONCE_A, NONCE_B = b"A" * 32, b"B" * 32
 
 def frame_of(body: bytes) -> bytes:
     return HEADER.pack(len(body)) + body
+
+
+def hello(**fields) -> dict:
+    """A well-formed hello from a peer 'beta' (fresh X25519 key), with `fields` replaced or added."""
+    key = X25519PrivateKey.generate().public_key().public_bytes_raw()
+    return {"t": "hello", "version": PROTOCOL_VERSION, "node": "beta", "nonce": NONCE_B, "key": key,
+            "ciphers": ["chacha20-poly1305"], **fields}
 
 
 def frames_in(data: bytes) -> list[dict]:
@@ -278,20 +290,43 @@ def test_handshake_reaches_ready_and_learns_peers():
 
 
 def test_handshake_messages_on_the_wire():
-    """The hello and the auth proof, checked against the documented formula."""
-    a, b = pair()
-    a.start()
+    """The hello, the key agreement, the proofs and the first sealed frame, recomputed here from the documented
+    formula with the primitives themselves (this test plays the initiator by hand)."""
+    b = Connection(SECRET, "beta", NONCE_B, initiator=False, info={"cores": 8})
     b.start()
-    a_hello = a.data_to_send()
-    assert frames_in(a_hello) == [{"t": "hello", "version": PROTOCOL_VERSION, "node": "alpha", "nonce": NONCE_A,
-                                   "info": {"cores": 4}}]
-    assert b.receive_data(a_hello) == []
+    ours = X25519PrivateKey.generate()
+    pub = ours.public_key().public_bytes_raw()
+    offer = ["aes256-gcm", "chacha20-poly1305"]
+    assert b.receive_data(encode_frame({"t": "hello", "version": PROTOCOL_VERSION, "node": "alpha",
+                                        "nonce": NONCE_A, "key": pub, "ciphers": offer, "info": {}})) == []
     hello_b, auth_b = frames_in(b.data_to_send())
-    assert hello_b["t"] == "hello" and hello_b["nonce"] == NONCE_B
-    fields = [b"meshllm-handshake-v1", b"responder", NONCE_A, NONCE_B, b"alpha", b"beta"]
-    expected = hmac.new(SECRET, b"".join(len(f).to_bytes(4, "big") + f for f in fields), hashlib.sha256).digest()
-    assert auth_b == {"t": "auth", "mac": expected}
+    assert {k: v for k, v in hello_b.items() if k != "key"} == {
+        "t": "hello", "version": PROTOCOL_VERSION, "node": "beta", "nonce": NONCE_B, "ciphers": b.ciphers,
+        "info": {"cores": 8}}
+    shared = ours.exchange(X25519PublicKey.from_public_bytes(hello_b["key"]))
+    mesh_key = hashlib.scrypt(SECRET, salt=b"meshllm mesh key v1", n=2**15, r=8, p=1, maxmem=2**26, dklen=32)
+    fields = [NONCE_A, NONCE_B, b"alpha", b"beta", pub, hello_b["key"], ",".join(offer).encode(),
+              ",".join(hello_b["ciphers"]).encode()]
+    context = b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+    okm = HKDF(algorithm=SHA256(), length=96, salt=mesh_key, info=b"meshllm link keys v1" + context).derive(shared)
+    assert auth_b == {"t": "auth", "mac": hmac.new(okm[:32], b"responder", hashlib.sha256).digest()}
     assert b.state == "auth_sent"
+    b.receive_data(encode_frame({"t": "auth", "mac": hmac.new(okm[:32], b"initiator", hashlib.sha256).digest()}))
+    assert b.state == "ready"
+    assert b.cipher == ("aes256-gcm" if "aes256-gcm" in b.ciphers else "chacha20-poly1305")
+    aead = AESGCM if b.cipher == "aes256-gcm" else ChaCha20Poly1305
+    b.send({"t": "ping", "nonce": 7})
+    b.send({"t": "ping", "nonce": 8})
+    data = b.data_to_send()
+    first = 4 + HEADER.unpack_from(data)[0]
+    for n, (header, sealed) in enumerate(((data[:4], data[4:first]), (data[first:first + 4], data[first + 4:]))):
+        # responder -> initiator key, nonce = the frame's number, the length header authenticated
+        plain = aead(okm[64:]).decrypt(n.to_bytes(12, "little"), sealed, header)
+        assert msgpack.unpackb(plain) == {"t": "ping", "nonce": 7 + n}
+    # and what we seal with the initiator -> responder key, it opens
+    body = msgpack.packb({"t": "pong", "nonce": 7})
+    header = HEADER.pack(len(body) + 16)
+    assert b.receive_data(header + aead(okm[32:64]).encrypt(bytes(12), body, header)) == [{"t": "pong", "nonce": 7}]
 
 
 def test_app_messages_pass_both_ways():
@@ -401,30 +436,32 @@ def test_peer_app_message_during_handshake_refused():
 @pytest.mark.parametrize("kind", ["hello", "auth"])
 def test_handshake_message_after_ready_refused(kind):
     a, b = ready_pair()
-    extra = {"t": "hello", "version": PROTOCOL_VERSION, "node": "beta", "nonce": NONCE_B} if kind == "hello" else \
-        {"t": "auth", "mac": b"\x00" * 32}
+    extra = hello() if kind == "hello" else {"t": "auth", "mac": b"\x00" * 32}
     with pytest.raises(ProtocolError, match=f"sent {kind!r} after the handshake"):
-        a.receive_data(encode_frame(extra))
+        a.receive_data(b.encode(extra))  # sealed by the peer, as every frame after the handshake
     assert a.state == "closed"
-    assert frames_in(a.data_to_send()) == [{"t": "error", "code": "protocol",
-                                            "reason": f"unexpected {kind!r} after the handshake"}]
+    with pytest.raises(RemoteError, match=f"closed the link: unexpected {kind!r} after the handshake$"):
+        b.receive_data(a.data_to_send())
 
 
 def test_second_hello_refused():
     a, _ = pair()
     a.start()
-    hello = encode_frame({"t": "hello", "version": PROTOCOL_VERSION, "node": "beta", "nonce": NONCE_B})
-    a.receive_data(hello)
+    again = encode_frame(hello())
+    a.receive_data(again)
     with pytest.raises(ProtocolError, match="'hello' during the handshake"):
-        a.receive_data(hello)
+        a.receive_data(again)
 
 
-@pytest.mark.parametrize("bad", [{"node": 5}, {"nonce": b"short"}, {"nonce": "A" * 32}])
+@pytest.mark.parametrize("bad", [{"node": 5}, {"node": ""}, {"node": "n" * 257}, {"nonce": b"short"},
+                                 {"nonce": "A" * 32}, {"nonce": b"n" * 65}, {"key": b"k" * 31}, {"key": "k" * 32},
+                                 {"key": None}, {"key": bytes(32)}, {"ciphers": "aes256-gcm"}, {"ciphers": [1]},
+                                 {"ciphers": ["x"] * 9}])
 def test_malformed_hello_refused(bad):
     a, _ = pair()
     a.start()
     with pytest.raises(ProtocolError, match="malformed hello"):
-        a.receive_data(encode_frame({"t": "hello", "version": PROTOCOL_VERSION, "node": "beta", "nonce": NONCE_B, **bad}))
+        a.receive_data(encode_frame(hello(**bad)))
 
 
 def test_replayed_auth_from_another_session_refused():
@@ -496,10 +533,11 @@ def test_cross_session_reflection_with_ambiguous_fields_refused():
 
 
 def test_data_after_close_is_ignored():
-    a, _ = ready_pair()
+    a, b = ready_pair()
     a.close_with_error("shutdown", "bye")
     assert a.state == "closed"
-    assert frames_in(a.data_to_send()) == [{"t": "error", "code": "shutdown", "reason": "bye"}]
+    with pytest.raises(RemoteError, match="^peer alpha closed the link: bye$"):
+        b.receive_data(a.data_to_send())
     before = a.bytes_in
     assert a.receive_data(encode_frame({"t": "ping", "nonce": 1})) == []
     assert a.receive_data(b"\xff\xff\xff\xff garbage") == []
@@ -527,11 +565,11 @@ def test_peer_error_after_ready_is_a_remote_error():
 
 
 def test_bad_frame_closes_with_a_protocol_error_frame():
-    a, _ = ready_pair()
+    a, b = ready_pair()
     with pytest.raises(ProtocolError, match="not valid msgpack"):
-        a.receive_data(frame_of(b"\xc1"))
-    (error,) = frames_in(a.data_to_send())
-    assert error["code"] == "protocol" and "not valid msgpack" in error["reason"]
+        a.receive_data(b.frame(b"\xc1"))  # sealed, so it opens: then it is not msgpack
+    with pytest.raises(RemoteError, match="not valid msgpack"):
+        b.receive_data(a.data_to_send())
 
 
 def test_eof_inside_a_frame_is_truncation():
@@ -573,15 +611,15 @@ def test_a_peer_is_unknown_until_its_hello():
 def test_a_hello_whose_info_is_not_a_map_gives_empty_peer_info(info):
     a, _ = pair()
     a.start()
-    hello = {"t": "hello", "version": PROTOCOL_VERSION, "node": "beta", "nonce": NONCE_B, "info": info}
-    a.receive_data(encode_frame(hello if info is not None else {k: v for k, v in hello.items() if k != "info"}))
+    msg = hello(info=info)
+    a.receive_data(encode_frame(msg if info is not None else {k: v for k, v in msg.items() if k != "info"}))
     assert a.state == "auth_sent" and a.peer_info == {}
 
 
 def test_a_16_byte_peer_nonce_is_enough():
     a, _ = pair()
     a.start()
-    a.receive_data(encode_frame({"t": "hello", "version": PROTOCOL_VERSION, "node": "beta", "nonce": b"n" * 16}))
+    a.receive_data(encode_frame(hello(nonce=b"n" * 16)))
     assert a.state == "auth_sent"
 
 
@@ -611,13 +649,13 @@ def test_a_refused_hello_tells_the_peer_why():
     a.start()
     a.data_to_send()
     with pytest.raises(ProtocolError, match="^peer sent a malformed hello$"):
-        a.receive_data(encode_frame({"t": "hello", "version": PROTOCOL_VERSION, "node": 5, "nonce": NONCE_B}))
+        a.receive_data(encode_frame(hello(node=5)))
     assert frames_in(a.data_to_send()) == [{"t": "error", "code": "protocol", "reason": "malformed hello"}]
     c = Connection(SECRET, "alpha", NONCE_A, initiator=False)
     c.start()
     c.data_to_send()
     with pytest.raises(AuthenticationError):
-        c.receive_data(encode_frame({"t": "hello", "version": PROTOCOL_VERSION, "node": "alpha", "nonce": NONCE_B}))
+        c.receive_data(encode_frame(hello(node="alpha")))
     assert frames_in(c.data_to_send()) == [{"t": "error", "code": "auth",
                                             "reason": "peer claims this device's own node id"}]
 
@@ -692,6 +730,166 @@ def test_frames_are_small_until_the_peer_has_proved_the_secret():
     c.start()
     with pytest.raises(ProtocolError, match="exceeds the 65536-byte limit"):
         c.receive_data(HEADER.pack(100_000))
-    _, b = ready_pair()
+    a, b = ready_pair()
     big = {"t": "ping", "nonce": b"x" * 200_000}
-    assert b.receive_data(encode_frame(big)) == [big]  # after it, the full frame limit applies
+    assert b.receive_data(a.encode(big)) == [big]  # after it, the full frame limit applies
+
+
+# -- sealed frames --------------------------------------------------------------------------------------------
+
+
+def _three_pings() -> tuple[Connection, Connection, list[bytes], list[dict]]:
+    a, b = ready_pair()
+    sent = [{"t": "ping", "nonce": i} for i in range(3)]
+    frames = [a.encode(m) for m in sent]
+    return a, b, frames, sent
+
+
+def test_the_payload_is_not_on_the_wire():
+    a, b = ready_pair()
+    secret_payload = b"My bank PIN is 4921" * 4
+    a.send({"t": "pong", "nonce": secret_payload})
+    data = a.data_to_send()
+    assert secret_payload[:19] not in data and b"pong" not in data
+    assert b.receive_data(data) == [{"t": "pong", "nonce": secret_payload}]
+
+
+def test_a_replayed_frame_fails_to_open():
+    _, b, frames, sent = _three_pings()
+    assert b.receive_data(frames[0]) == [sent[0]]
+    with pytest.raises(IntegrityError, match="frame 1 failed its integrity check: altered, replayed, reordered"):
+        b.receive_data(frames[0])
+    assert b.state == "closed"
+    assert b.receive_data(frames[1]) == []  # nothing more is read from a link that failed
+
+
+def test_reordered_or_dropped_frames_fail_to_open():
+    _, b, frames, _ = _three_pings()
+    with pytest.raises(IntegrityError, match="frame 0 failed"):
+        b.receive_data(frames[1])  # frame 0 dropped (or 1 overtook it)
+    _, b, frames, sent = _three_pings()
+    assert b.receive_data(frames[0]) == [sent[0]]
+    with pytest.raises(IntegrityError):
+        b.receive_data(frames[2])
+
+
+def test_a_frame_from_another_link_fails_to_open():
+    """Each link has its own keys: a frame recorded on one link is garbage on another between the same devices."""
+    _, _, frames, _ = _three_pings()
+    _, b2 = ready_pair()
+    with pytest.raises(IntegrityError):
+        b2.receive_data(frames[0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_flipped_byte_never_changes_a_message(data):
+    """Flip any bit of any byte of a sealed stream: what comes out is a prefix of what went in, then an error (or a
+    wait for bytes that never come, when the flip lengthened a header: the link's silence timeout ends that)."""
+    a, b, frames, sent = _three_pings()
+    stream = bytearray(b"".join(frames))
+    i = data.draw(st.integers(0, len(stream) - 1), label="byte")
+    stream[i] ^= 1 << data.draw(st.integers(0, 7), label="bit")
+    got: list[dict] = []
+    try:
+        got = b.receive_data(bytes(stream))
+        failed = False
+    except (IntegrityError, ProtocolError):
+        failed = True
+    assert got == sent[:len(got)] and len(got) < len(sent)
+    assert failed or b._decoder.pending > 0
+
+
+def test_the_cipher_is_aes_gcm_only_when_both_sides_offer_it():
+    from meshllm.wire.keys import choose_cipher
+
+    assert choose_cipher(["aes256-gcm", "chacha20-poly1305"], ["aes256-gcm", "chacha20-poly1305"]) == "aes256-gcm"
+    assert choose_cipher(["aes256-gcm", "chacha20-poly1305"], ["chacha20-poly1305"]) == "chacha20-poly1305"
+    assert choose_cipher(["chacha20-poly1305"], ["aes256-gcm", "chacha20-poly1305"]) == "chacha20-poly1305"
+    assert choose_cipher(["aes256-gcm"], ["chacha20-poly1305"]) is None
+    assert choose_cipher(["rot13"], ["rot13"]) is None  # only ciphers we know
+
+
+def test_a_link_between_an_aes_device_and_one_without_runs_chacha():
+    a, b = pair()
+    b.ciphers = ["chacha20-poly1305"]  # a board without AES instructions
+    a.start()
+    b.start()
+    pump(a, b)
+    assert a.cipher == b.cipher == "chacha20-poly1305"
+    a.send({"t": "ping", "nonce": 1})
+    assert b.receive_data(a.data_to_send()) == [{"t": "ping", "nonce": 1}]
+
+
+def test_no_cipher_in_common_is_refused_with_both_lists():
+    a, _ = pair()
+    a.start()
+    with pytest.raises(VersionMismatchError, match="no cipher in common: this device offers .*, the peer rot13"):
+        a.receive_data(encode_frame(hello(ciphers=["rot13"])))
+
+
+def test_a_relay_that_swaps_the_keys_cannot_complete_the_handshake():
+    """A relay in the middle that replaces each hello's X25519 key with its own (to read the link) must forge the
+    proofs, which need the mesh key: both sides refuse."""
+    a, b = pair()
+    a.start()
+    b.start()
+    relay = X25519PrivateKey.generate().public_key().public_bytes_raw()
+
+    def swap(data: bytes) -> bytes:
+        return b"".join(encode_frame({**m, "key": relay} if m["t"] == "hello" else m) for m in frames_in(data))
+
+    b.receive_data(swap(a.data_to_send()))
+    with pytest.raises(AuthenticationError):
+        a.receive_data(swap(b.data_to_send()))
+
+
+# -- unpack limits ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bomb, why", [
+    (msgpack.packb({"t": "ping", "nonce": [[]] * 10_000}), "more than 4096 arrays and maps"),
+    (msgpack.packb({"t": "ping", "nonce": [{}] * 10_000}), "more than 4096 arrays and maps"),
+    (msgpack.packb({"t": "ping", "nonce": [0] * 70_000}), "exceeds an unpack limit: .*max_array_len"),  # one array over the item cap
+    (msgpack.packb({"t": "ping", "nonce": [[0] * 60_000, [0] * 60_000]}), "more than 65536 array items"),
+    (msgpack.packb({"t": "ping", "nonce": {str(i): 0 for i in range(70_000)}}), "exceeds an unpack limit: .*max_map_len"),
+    (b"\x82\xa1t\xa4ping\xa5nonce" + b"\x91" * 100_000 + b"\xc0", "more than 4096 arrays|not valid msgpack"),
+    (msgpack.packb({"t": "ping", "nonce": "x" * (2**20 + 1)}), "exceeds an unpack limit: .*max_str_len"),  # one string over 1 MiB
+])
+def test_a_frame_cannot_unpack_into_much_more_than_its_size(bomb, why):
+    with pytest.raises(ProtocolError, match=why):
+        decode_body(bomb)
+
+
+def test_what_our_messages_carry_is_within_the_unpack_limits():
+    blocks = [[i, "attn"] for i in range(2000)]  # a shard's block list of a 1000-layer model
+    msg = {"t": "need", "session": "s", "blocks": blocks}
+    assert decode_body(msgpack.packb(msg)) == msg
+    big = {"t": "slice", "session": "s", "block": 1, "offset": 0, "data": b"\x01" * (8 << 20)}
+    assert decode_body(msgpack.packb(big)) == big
+
+
+@settings(max_examples=200, deadline=None)
+@given(_values)
+def test_every_value_decodes_to_what_was_packed(value):
+    msg = {"t": "ping", "nonce": value}
+    assert decode_body(msgpack.packb(msg, use_bin_type=True)) == msg
+
+
+# -- the secret ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("secret, why", [("sunshine", "short (8 characters"),
+                                         ("ab" * 12, "little variety"), ("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "variety")])
+def test_a_weak_secret_is_named(secret, why):
+    from meshllm.wire.keys import secret_weakness
+
+    assert why in secret_weakness(secret)
+
+
+def test_a_made_secret_is_strong():
+    from meshllm.runtime.device import new_secret
+    from meshllm.wire.keys import secret_weakness
+
+    for _ in range(20):
+        assert secret_weakness(new_secret()) is None

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import MeshTimeoutError, ProtocolError
 from ..net.link import Link, Timeouts, connect, new_connection
+from ..wire.keys import prepare_async
 from .driver import StarAllreduce
 
 
@@ -32,6 +33,7 @@ class StarGroup:
 
     async def __aenter__(self) -> "StarGroup":
         loop = asyncio.get_running_loop()
+        await prepare_async(self.secret)  # the mesh key, before the first link needs it
         if self.rank == 0:
             self._all_attached = loop.create_future()
             if self.world == 1:

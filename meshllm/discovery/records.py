@@ -2,7 +2,7 @@
 
 A record carries what choosing a hub and a split needs before any link is opened: node id, protocol version, mesh
 id, and capability (score, cores, memory available, free disk for the slice cache, weight budget). The mesh id is
-derived from the secret by a slow key derivation, so it tells meshes apart without revealing the secret (a
+derived from the secret's scrypt-stretched key, so it tells meshes apart without revealing the secret (a
 guessable secret stays guessable: make one with `meshllm secret`).
 """
 
@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import math
 from dataclasses import asdict, dataclass, field
+
+from ..wire.keys import prepare
 
 SERVICE_TYPE = "_meshllm._tcp.local."
 MAX_VALUE = 64  # bytes of one TXT value; a record is a few hundred bytes in all (one mDNS packet)
@@ -23,8 +26,9 @@ class RecordError(ValueError):
 
 @functools.lru_cache(maxsize=8)
 def mesh_id(secret: bytes) -> str:
-    """16 hex digits naming the mesh of `secret` (PBKDF2-HMAC-SHA256, 100k rounds, fixed salt)."""
-    return hashlib.pbkdf2_hmac("sha256", secret, b"meshllm mesh id v1", 100_000)[:8].hex()
+    """16 hex digits naming the mesh of `secret`: an HMAC under the scrypt-stretched mesh key, so that testing a
+    guessed secret against an advertised id costs a scrypt, as against a handshake (blocking the first time)."""
+    return hmac.new(prepare(secret), b"meshllm mesh id v2", hashlib.sha256).digest()[:8].hex()
 
 
 @dataclass(frozen=True)

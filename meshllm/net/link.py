@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 from ..errors import DeviceLostError, HandshakeError, LinkError, MeshTimeoutError, ProtocolError
 from ..wire.connection import Connection
-from ..wire.frames import DEFAULT_MAX_FRAME, encode_frame
+from ..wire.frames import DEFAULT_MAX_FRAME, encode_body
+from ..wire.keys import prepare_async
 
 log = logging.getLogger("meshllm.net")
 
@@ -213,6 +214,7 @@ async def connect(host: str, port: int, secret: bytes, node_id: str, *, timeouts
                   max_frame: int = DEFAULT_MAX_FRAME, write_limit: int = WRITE_LIMIT) -> Link:
     """Open an authenticated link to host:port (raises HandshakeError subclasses, DeviceLostError, timeouts)."""
     loop = asyncio.get_running_loop()
+    await prepare_async(secret)  # the mesh key: stretched once per process, off the loop
     conn = new_connection(secret, node_id, initiator=True, info=info, max_frame=max_frame)
     try:
         _, link = await asyncio.wait_for(loop.create_connection(
@@ -250,9 +252,9 @@ def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]
 
 
 def broadcast(links, message: dict[str, Any]) -> None:
-    """Send one message to several links, encoded once."""
+    """Send one message to several links: packed once, sealed per link (each link has its own keys)."""
     links = list(links)
     if links:
-        frame = encode_frame(message, links[0].conn.max_frame)
+        body = encode_body(message, links[0].conn.max_frame)
         for link in links:
-            link.write_frame(frame)
+            link.write_frame(link.conn.frame(body))

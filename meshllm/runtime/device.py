@@ -31,6 +31,7 @@ from ..model.weights import LAYOUT, Format
 from ..scheduler.slices import BlockDamagedError, CacheError, SliceCache, block_name, localize_block
 from .blocks import BlockStore
 from ..net.link import Link, Timeouts, connect, new_connection, parse_address
+from ..wire.keys import prepare_async
 from ..wire.frames import DEFAULT_MAX_FRAME, check_tensor
 from .executors import compute_executor, cpu_count, io_executor, release_heap, set_torch_threads
 from .originator import peak_rss_bytes
@@ -127,6 +128,7 @@ class Device:
         await self._tasks.__aenter__()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._compute, warm_up)
+        await prepare_async(self.secret)  # the mesh key, before the first link needs it
         try:
             try:
                 self._server = await loop.create_server(self._accept, self.host, self.port)

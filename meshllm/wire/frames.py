@@ -1,5 +1,8 @@
 """Framing: a 4-byte big-endian length, then one msgpack map. Pure: bytes in, messages out.
 
+After the handshake the map is sealed (wire/keys.py): the length then counts the ciphertext and its tag.
+Unpacking is bounded: no frame unpacks into more than a small multiple of its own size (LIMITS).
+
 Every message is a map with a string `t` (its type, one of MESSAGE_TYPES). Tensors travel as a map
 {"dtype": str, "shape": [int...], "data": bytes}: raw little-endian bytes, never pickle.
 """
@@ -7,14 +10,15 @@ Every message is a map with a string `t` (its type, one of MESSAGE_TYPES). Tenso
 from __future__ import annotations
 
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import msgpack
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 4  # 2: beat frames (link liveness); 3: weight formats (load carries `format`);
-# 4: KV prefix reuse (begin may carry `keep`, end `kept`)
+PROTOCOL_VERSION = 5  # 2: beat frames (link liveness); 3: weight formats (load carries `format`);
+# 4: KV prefix reuse (begin may carry `keep`, end `kept`); 5: sealed links (hello carries an X25519 key and ciphers)
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 2**20
 
@@ -51,20 +55,76 @@ MESSAGE_TYPES: dict[str, tuple[str, ...]] = {
 DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "uint8": 1}
 
 
-def encode_frame(message: dict[str, Any], max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
-    """One message -> length-prefixed bytes."""
+def encode_body(message: dict[str, Any], max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """One message -> its msgpack body (raises ProtocolError past the frame limit)."""
     body = msgpack.packb(message, use_bin_type=True)
     if len(body) > max_frame:
         raise ProtocolError(f"outgoing {message.get('t')!r} frame of {len(body)} bytes exceeds the "
                             f"{max_frame}-byte frame limit")
+    return body
+
+
+def encode_frame(message: dict[str, Any], max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """One message -> length-prefixed bytes (unsealed: the handshake's frames)."""
+    body = encode_body(message, max_frame)
     return HEADER.pack(len(body)) + body
 
 
-def decode_body(body: bytes) -> dict[str, Any]:
+@dataclass(frozen=True)
+class UnpackLimits:
+    """What one frame may unpack into. Our largest arrays are a shard's block list; our maps are a model config.
+
+    Every container costs Python far more than its msgpack bytes (an empty array is 1 byte on the wire and 56 in
+    memory): containers and their items are counted per frame, so a frame of any size unpacks into at most a few
+    MB of objects beyond its own strings and bytes."""
+
+    containers: int = 4096  # arrays and maps in one frame
+    items: int = 65536  # array items plus map entries in one frame
+    string: int = 1 << 20  # bytes of one string
+
+
+LIMITS = UnpackLimits()
+
+
+class _Budget:
+    """msgpack hooks that count what a frame has unpacked and stop it at the limits."""
+
+    __slots__ = ("containers", "items", "limits")
+
+    def __init__(self, limits: UnpackLimits) -> None:
+        self.containers = self.items = 0
+        self.limits = limits
+
+    def _count(self, n: int, what: str) -> None:
+        self.containers += 1
+        self.items += n
+        if self.containers > self.limits.containers:
+            raise ProtocolError(f"frame holds more than {self.limits.containers} arrays and maps")
+        if self.items > self.limits.items:
+            raise ProtocolError(f"frame holds more than {self.limits.items} array items and map entries")
+
+    def array(self, items: list) -> list:
+        self._count(len(items), "array")
+        return items
+
+    def map(self, pairs: list) -> dict:
+        self._count(len(pairs), "map")
+        return dict(pairs)
+
+
+def decode_body(body: bytes, limits: UnpackLimits = LIMITS) -> dict[str, Any]:
     """One frame body -> a validated message (raises ProtocolError)."""
+    budget = _Budget(limits)
     try:
-        msg = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+        # the per-container caps stop one huge array or map before it is built; the hooks cap the total
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True, list_hook=budget.array,
+                              object_pairs_hook=budget.map, max_array_len=limits.items,
+                              max_map_len=limits.items, max_str_len=limits.string, max_ext_len=0)
+    except ProtocolError:
+        raise
     except Exception as e:  # msgpack raises several unrelated types for bad input
+        if isinstance(e, ValueError) and "exceeds max_" in str(e):
+            raise ProtocolError(f"frame exceeds an unpack limit: {e}") from e
         raise ProtocolError(f"frame is not valid msgpack: {type(e).__name__}: {e}") from e
     if not isinstance(msg, dict):
         raise ProtocolError(f"frame holds a msgpack {type(msg).__name__}, expected a map")
@@ -89,8 +149,15 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         """Add bytes; return every complete message (raises ProtocolError on a bad frame)."""
+        out: list[dict[str, Any]] = []
+        self.feed_frames(data, lambda header, body: out.append(decode_body(body)))
+        return out
+
+    def feed_frames(self, data: bytes, handle: Callable[[bytes, memoryview], None]) -> None:
+        """Add bytes; call `handle(header, body)` for each complete frame, in order. `body` is a view into the
+        buffer, valid only during the call (msgpack and the AEAD read it in place: no copy). `max_frame` may
+        change between calls of `handle` (the handshake raises it)."""
         self._buf += data
-        out = []
         while len(self._buf) >= HEADER.size:
             (length,) = HEADER.unpack_from(self._buf)
             if length > self.max_frame:
@@ -98,11 +165,10 @@ class FrameDecoder:
             end = HEADER.size + length
             if len(self._buf) < end:
                 break
+            header = bytes(self._buf[:HEADER.size])
             with memoryview(self._buf) as view, view[HEADER.size:end] as body:
-                message = decode_body(body)  # msgpack reads the buffer in place: no copy of the body
+                handle(header, body)
             del self._buf[:end]  # the views are released: the buffer may shrink
-            out.append(message)
-        return out
 
     @property
     def pending(self) -> int:

@@ -15,3 +15,22 @@ def split_frames(data: bytes) -> list[dict]:
         out.append(msgpack.unpackb(data[pos + HEADER.size:pos + HEADER.size + n], raw=False))
         pos += HEADER.size + n
     return out
+
+
+def frame_bodies(data: bytes) -> list[bytes]:
+    """Every complete frame body in `data`, as bytes (sealed or not); a trailing partial frame is ignored."""
+    out, pos = [], 0
+    while pos + HEADER.size <= len(data):
+        (n,) = HEADER.unpack_from(data, pos)
+        if pos + HEADER.size + n > len(data):
+            break
+        out.append(data[pos + HEADER.size:pos + HEADER.size + n])
+        pos += HEADER.size + n
+    return out
+
+
+def handshake_and_sealed(data: bytes) -> tuple[list[dict], list[bytes]]:
+    """One direction of a link: its clear handshake frames (hello, auth), then the sealed bodies after them."""
+    bodies = frame_bodies(data)
+    clear = [msgpack.unpackb(b, raw=False) for b in bodies[:2]]
+    return clear, bodies[2:]

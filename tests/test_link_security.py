@@ -1,0 +1,230 @@
+"""Sealed links against an attacker on the path, with real device processes and real sockets.
+
+A relay between the originator and a device records, alters, replays or reorders frames; a stranger connects and
+takes what the handshake gives anyone. The references are the primitives themselves (hashlib.scrypt, HKDF, HMAC)
+and the model's own embedding table read with safetensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import time
+
+import pytest
+import pytest_asyncio
+import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from safetensors.torch import load_file
+
+from helpers.checkpoints import VARIANTS
+from helpers.wire import frame_bodies, handshake_and_sealed
+from meshllm.discovery.records import mesh_id
+from meshllm.errors import LinkError
+from meshllm.generation.sampling import SamplingParams
+from meshllm.runtime.launcher import LocalCluster
+from meshllm.runtime.mesh import MeshEngine, local_secret
+from meshllm.wire.frames import HEADER, PROTOCOL_VERSION, FrameDecoder, encode_frame, tensor_record
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+PROMPT = "My bank PIN is 4921 and my password is hunter2"
+PARAMS = SamplingParams(max_tokens=6, ignore_eos=True)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(make_model):
+    folder = make_model("gqa_tied", **VARIANTS["gqa_tied"])
+    secret = local_secret()
+    async with LocalCluster(2, secret) as addresses:
+        async with MeshEngine(folder, addresses, secret) as m:
+            expected = (await m.generate(PROMPT, PARAMS, chat=False)).token_ids
+        yield folder, addresses, secret, expected
+
+
+class Relay:
+    """A TCP relay to `target` that passes whole frames, after `edit(direction, n, frame) -> [frames]` (n counts the
+    frames of that direction, handshake included: 0 hello, 1 auth, 2.. sealed). It records every byte."""
+
+    def __init__(self, target: str, edit=None) -> None:
+        self.host, port = target.rsplit(":", 1)
+        self.port, self.edit = int(port), edit or (lambda d, n, f: [f])
+        self.seen = {"up": bytearray(), "down": bytearray()}  # up: originator -> device
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        for w in self.writers:
+            w.close()
+
+    async def _handle(self, reader, writer) -> None:
+        up_r, up_w = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 5)
+        self.writers += [writer, up_w]
+        await asyncio.gather(self._pump("up", reader, up_w), self._pump("down", up_r, writer))
+
+    async def _pump(self, direction: str, src, dst) -> None:
+        buf, n = bytearray(), 0
+        try:
+            while data := await src.read(1 << 16):
+                self.seen[direction] += data
+                buf += data
+                while len(buf) >= HEADER.size and len(buf) >= HEADER.size + HEADER.unpack_from(buf)[0]:
+                    end = HEADER.size + HEADER.unpack_from(buf)[0]
+                    for frame in self.edit(direction, n, bytes(buf[:end])):
+                        dst.write(frame)
+                    del buf[:end]
+                    n += 1
+        except ConnectionError:
+            pass
+        finally:
+            dst.close()
+
+
+async def run_through(folder, address: str, secret: bytes, relay: Relay):
+    async with asyncio.timeout(60), relay as tapped, MeshEngine(folder, [tapped], secret) as m:
+        return (await m.generate(PROMPT, PARAMS, chat=False)).token_ids
+
+
+def embedding_rows(folder, ids: list[int]) -> list[bytes]:
+    """The exact bytes of each prompt token's embedding row, as fp32 and as bf16."""
+    weights = load_file(str(folder / "model.safetensors"))
+    table = weights["model.embed_tokens.weight"]
+    out = []
+    for i in ids:
+        row = table[i].contiguous()
+        out += [row.float().numpy().tobytes(), row.to(torch.bfloat16).view(torch.int16).numpy().tobytes()]
+    return out
+
+
+async def test_a_tap_finds_no_embedding_row_of_the_prompt(mesh):
+    folder, addresses, secret, expected = mesh
+    taps = [Relay(a) for a in addresses]
+    async with asyncio.timeout(60):
+        tapped = [await t.__aenter__() for t in taps]
+        try:
+            async with MeshEngine(folder, tapped, secret) as m:
+                ids = m.encode_prompt(PROMPT, chat=False)
+                result = await m.generate(PROMPT, PARAMS, chat=False)
+        finally:
+            for t in taps:
+                await t.__aexit__()
+    assert result.token_ids == expected  # the relays passed everything on
+    rows = embedding_rows(folder, ids)
+    # control: the search finds the rows where a step's hidden states travel in the clear (protocol 4's frames)
+    clear = encode_frame({"t": "step", "session": "s", "req": 1, "step": 0, "start": 0,
+                          "x": tensor_record("float32", [1, len(ids), 64],
+                                             b"".join(rows[0::2]))})
+    assert all(r in clear for r in rows[0::2])
+    captured = b"".join(bytes(b) for t in taps for b in t.seen.values())
+    assert len(captured) > 20_000
+    for r in rows:
+        assert r not in captured
+    assert b"4921" not in captured and b"hunter2" not in captured
+    for t in taps:
+        for direction in ("up", "down"):
+            clear_frames, sealed = handshake_and_sealed(bytes(t.seen[direction]))
+            assert [f["t"] for f in clear_frames] == ["hello", "auth"] and len(sealed) >= 2
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+async def test_one_flipped_byte_fails_the_request_with_an_integrity_error(mesh, direction):
+    folder, addresses, secret, expected = mesh
+    flipped = []
+
+    def flip(d, n, frame):
+        if d == direction and n == 6 and not flipped:  # a sealed frame in the middle of the request
+            frame = bytearray(frame)
+            frame[len(frame) // 2] ^= 0x20
+            flipped.append(n)
+        return [bytes(frame)]
+
+    with pytest.raises(LinkError, match="failed its integrity check") as e:
+        await run_through(folder, addresses[0], secret, Relay(addresses[0], flip))
+    assert flipped
+    assert "altered, replayed, reordered or dropped" in str(e.value)
+    assert await run_through(folder, addresses[0], secret, Relay(addresses[0])) == expected  # still serving
+
+
+@pytest.mark.parametrize("trick", ["replay", "reorder", "drop"])
+async def test_a_replayed_reordered_or_dropped_frame_closes_the_link(mesh, trick):
+    folder, addresses, secret, expected = mesh
+    held: list[bytes] = []
+
+    def edit(d, n, frame):
+        if d != "up" or n < 4:
+            return [frame]
+        if trick == "replay" and n == 4:
+            return [frame, frame]
+        if trick == "reorder" and n == 4:
+            held.append(frame)
+            return []
+        if trick == "reorder" and n == 5:
+            return [frame, *held]
+        if trick == "drop" and n == 4:
+            return []
+        return [frame]
+
+    with pytest.raises(LinkError, match="integrity") as e:
+        await run_through(folder, addresses[0], secret, Relay(addresses[0], edit))
+    assert "failed its integrity check" in str(e.value)
+
+
+async def test_a_stranger_can_test_a_guess_no_faster_than_the_kdf(mesh):
+    """Everything a stranger gets without the secret: a device's hello and its proof (connect, say hello), and
+    the mesh id its TXT record shows. Each is a function of the scrypt-stretched key, so checking a guessed secret
+    against them costs one scrypt: measured here against scrypt alone, and against the HMAC protocol 4 exposed."""
+    _, addresses, secret, _ = mesh
+    host, port = addresses[0].rsplit(":", 1)
+    ours = X25519PrivateKey.generate()
+    pub, nonce = ours.public_key().public_bytes_raw(), os.urandom(32)
+    offer = ["chacha20-poly1305"]
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(encode_frame({"t": "hello", "version": PROTOCOL_VERSION, "node": "stranger", "nonce": nonce,
+                               "key": pub, "ciphers": offer, "info": {}}))
+    data = b""
+    while len(frame_bodies(data)) < 2:
+        data += await asyncio.wait_for(reader.read(4096), 10)
+    writer.close()
+    hello, auth = FrameDecoder().feed(data)[:2]
+    assert auth["t"] == "auth" and set(hello) == {"t", "version", "node", "nonce", "key", "ciphers", "info"}
+    shared = ours.exchange(X25519PublicKey.from_public_bytes(hello["key"]))
+    fields = [nonce, hello["nonce"], b"stranger", hello["node"].encode(), pub, hello["key"], b"chacha20-poly1305",
+              ",".join(hello["ciphers"]).encode()]
+    context = b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+
+    def kdf(guess: bytes) -> bytes:
+        return hashlib.scrypt(guess, salt=b"meshllm mesh key v1", n=2**15, r=8, p=1, maxmem=2**26, dklen=32)
+
+    def matches_handshake(guess: bytes) -> bool:
+        okm = HKDF(algorithm=SHA256(), length=96, salt=kdf(guess), info=b"meshllm link keys v1" + context)
+        return hmac.compare_digest(hmac.new(okm.derive(shared)[:32], b"responder", hashlib.sha256).digest(),
+                                   auth["mac"])
+
+    def matches_mesh_id(guess: bytes) -> bool:
+        return hmac.new(kdf(guess), b"meshllm mesh id v2", hashlib.sha256).digest()[:8].hex() == mesh_id(secret)
+
+    assert matches_handshake(secret) and matches_mesh_id(secret)  # what the stranger got is what we said
+    assert not matches_handshake(b"sunshine") and not matches_mesh_id(b"sunshine")
+
+    def rate(check, n: int) -> float:
+        t0 = time.perf_counter()
+        for i in range(n):
+            check(b"guess %d" % i)
+        return n / (time.perf_counter() - t0)
+
+    kdf_rate = max(rate(kdf, 4) for _ in range(2))
+    handshake_rate = max(rate(matches_handshake, 4) for _ in range(2))
+    id_rate = max(rate(matches_mesh_id, 4) for _ in range(2))
+    old_rate = rate(lambda g: hmac.new(g, context, hashlib.sha256).digest(), 20_000)  # protocol 4's oracle
+    print(f"guesses/s: scrypt {kdf_rate:.1f}, against the handshake {handshake_rate:.1f}, against the mesh id "
+          f"{id_rate:.1f}; protocol 4's HMAC of the secret {old_rate:.0f}")
+    assert handshake_rate < kdf_rate * 1.25 and id_rate < kdf_rate * 1.25
+    assert old_rate > 1000 * handshake_rate
