@@ -294,9 +294,27 @@ class Mesh:
             params.check()
         async with self._lock:
             engine = await self._engine_for_request()
-            async with contextlib.aclosing(engine.stream(prompt, params, chat=chat, result=result)) as pieces:
-                async for piece in pieces:
-                    yield piece
+            try:
+                async with contextlib.aclosing(engine.stream(prompt, params, chat=chat, result=result)) as pieces:
+                    async for piece in pieces:
+                        yield piece
+            finally:
+                self._forget_lost()
+
+    def _forget_lost(self) -> None:
+        """After a request that resumed on fewer devices (the engine re-planned without a lost one): the devices in
+        use are the engine's; a lost one stays out until it answers a connect again."""
+        from .runtime.mesh import MeshEngine
+
+        if not isinstance(self._engine, MeshEngine) or not self._engine.members:
+            return
+        members = {m.address for m in self._engine.members}
+        gone = [r for r in self._records if r.address not in members]
+        now = time.monotonic()
+        for r in gone:
+            self._unreachable[r.address] = (r, now)
+        if gone:
+            self._records = [r for r in self._records if r.address in members]
 
     async def generate(self, prompt: str | list[dict], **kwargs) -> Result:
         """Run one request to the end: Result with text, token_ids, ttft_s, token_latency_s, finish_reason."""

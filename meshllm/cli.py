@@ -211,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--cache-dir", metavar="DIR", help="where this device keeps its slices "
                                                      "(default: $MESHLLM_HOME or ~/.cache/meshllm)")
     j.add_argument("--read-rate", type=parse_size, metavar="SIZE", help=argparse.SUPPRESS)  # test hook: bytes/s
+    lim = j.add_argument_group("limits (what peers may make this device hold)")
+    lim.add_argument("--max-pending", type=_positive_int, default=64, metavar="N",
+                     help="connections still in their handshake, in all (default: 64); more are reset at once")
+    lim.add_argument("--max-pending-per-address", type=_positive_int, default=8, metavar="N",
+                     help="the same, from one address (default: 8)")
+    lim.add_argument("--max-sessions", type=_positive_int, default=8, metavar="N",
+                     help="sessions (an originator's loaded shard each) held at once (default: 8)")
+    lim.add_argument("--max-sessions-per-link", type=_positive_int, default=2, metavar="N",
+                     help="sessions one originator's link may hold (default: 2)")
     _log_options(j)
     j.set_defaults(func=_cmd_join)
 
@@ -544,7 +553,7 @@ async def _cmd_join(args: argparse.Namespace) -> int:
     from .discovery.probe import available_memory, capability, free_disk
     from .discovery.records import PeerRecord, mesh_id, valid_node_id
     from .model.default import cache_dir
-    from .runtime.device import Device, secret_bytes
+    from .runtime.device import Device, Limits, secret_bytes
     from .runtime.executors import cpu_count
     from .runtime.launcher import READY
     from .wire.frames import PROTOCOL_VERSION
@@ -583,7 +592,9 @@ async def _cmd_join(args: argparse.Namespace) -> int:
         device = await stack.enter_async_context(Device(
             secret, name=args.name, host=host, port=DEFAULT_PORT if args.port is None else args.port,
             fallback_port=args.port is None, threads=threads, budget=args.memory_budget,
-            cache_dir=cache, read_rate=args.read_rate, capability=score))
+            cache_dir=cache, read_rate=args.read_rate, capability=score,
+            limits=Limits(pending=args.max_pending, pending_per_address=args.max_pending_per_address,
+                          sessions=args.max_sessions, sessions_per_link=args.max_sessions_per_link)))
         if not args.no_advertise:
             addresses = [host] if host not in ("0.0.0.0", "") else local_addresses()
             record = PeerRecord(

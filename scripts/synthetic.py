@@ -13,6 +13,10 @@ SHAPES = {
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
                            tie_word_embeddings=False),
+    # small enough for a thousand requests in minutes (the soak test)
+    "soak-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                       num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024,
+                       tie_word_embeddings=True),
     # Llama-3.2-3B's shape
     "llama-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                      num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,

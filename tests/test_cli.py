@@ -143,3 +143,14 @@ def test_the_readme_command_on_local_devices_gives_the_ids_of_one_device(smollm2
     assert roles == ["hub", "originator", "worker", "worker"]
     assert 0.999 <= sum(d["share"] for d in out["devices"]) < 1.01  # every device holds its own copy of the norms
     assert {d["weight_format"] for d in out["devices"]} == {"gguf"}  # the file's 4- and 8-bit formats, kept packed
+
+
+def test_joins_limit_flags_default_to_the_devices_limits():
+    from meshllm.cli import build_parser
+    from meshllm.runtime.device import Limits
+
+    args = build_parser().parse_args(["join"])
+    assert Limits(args.max_pending, args.max_pending_per_address, args.max_sessions,
+                  args.max_sessions_per_link) == Limits()
+    args = build_parser().parse_args(["join", "--max-sessions", "3", "--max-pending-per-address", "2"])
+    assert (args.max_sessions, args.max_pending_per_address) == (3, 2)

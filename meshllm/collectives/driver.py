@@ -40,9 +40,12 @@ class StarAllreduce:
         self.worker_links: dict[int, Any] = {}  # on the hub: rank -> link
         self.rounds = HubRounds(world) if rank == hub_rank else None
         self.finished_req = -1
+        self.begun_req = -1  # hub: the newest request the originator has begun here; parts of later ones wait
+        self._held: dict[int, tuple[Key, torch.Tensor]] = {}  # hub: rank -> its part of a request not yet begun
         self.stats = ReduceStats()
         self._key: Key | None = None
         self._future: asyncio.Future | None = None
+        self._like: tuple[torch.Size, torch.dtype] | None = None  # worker: the sum must have our part's shape
 
     @property
     def is_hub(self) -> bool:
@@ -53,7 +56,7 @@ class StarAllreduce:
         if self.world == 1:
             return part
         fut = asyncio.get_running_loop().create_future()
-        self._key, self._future = key, fut
+        self._key, self._future, self._like = key, fut, (part.shape, part.dtype)
         t = time.perf_counter()
         if self.is_hub:
             self._add(key, self.rank, part)
@@ -70,8 +73,10 @@ class StarAllreduce:
                 total = await fut
         except TimeoutError as e:
             who = self.rounds.missing() if self.rounds else ["the hub"]
+            held = "".join(f"; rank {r} sent a part for request {k[0]}, which the originator has not begun here"
+                           for r, (k, _) in sorted(self._held.items()) if r in who)
             raise MeshTimeoutError(f"allreduce round {key} timed out after {self.timeout} s waiting for rank(s) "
-                                   f"{who}") from e
+                                   f"{who}{held}") from e
         finally:
             self._key = self._future = None
         self.stats.wait_s += time.perf_counter() - t1
@@ -92,19 +97,36 @@ class StarAllreduce:
         key = _key(msg)
         if key[0] <= self.finished_req:
             return  # a straggler of an aborted request
-        if self.rounds.key is not None and key[0] > self.rounds.key[0]:
-            # a newer request's part: the open round's request was aborted (its abort may still be on its way)
-            self.abort(self.rounds.key[0])
         rank = msg["rank"]
         if self.worker_links.get(rank) is not link:
             raise ProtocolError(f"part claims rank {rank!r} on the link of another rank")
         t = time.perf_counter()
         part = from_record(msg["x"], "partial sum")
         self.stats.framing_s += time.perf_counter() - t
+        if key[0] > self.begun_req:
+            # a request the originator has not begun here yet: its begin is on the way (the worker heard first),
+            # or the part is forged. Either way it waits for the begin; it never ends the open round on its word
+            if rank in self._held:
+                raise ProtocolError(f"rank {rank} sent a second part for a request the originator has not begun "
+                                    f"here (request {key[0]}; begun: {self.begun_req})")
+            self._held[rank] = (key, part)
+            return
         try:
             self._add(key, rank, part)
         except RoundError as e:
             raise ProtocolError(str(e)) from e
+
+    def begin(self, req: int) -> None:
+        """Hub: the originator began request `req` here: parts of it that arrived early join their round now."""
+        self.begun_req = max(self.begun_req, req)
+        held = sorted(self._held.items())
+        self._held = {r: (k, p) for r, (k, p) in held if k[0] > self.begun_req}
+        for rank, (key, part) in held:
+            if key[0] == req and key[0] > self.finished_req:
+                try:
+                    self._add(key, rank, part)
+                except RoundError as e:
+                    self.worker_links[rank].refuse(ProtocolError(str(e)))
 
     def on_sum(self, msg: dict[str, Any]) -> None:
         """Worker: the hub's sum arrived."""
@@ -116,12 +138,25 @@ class StarAllreduce:
         t = time.perf_counter()
         total = from_record(msg["x"], "allreduce sum")
         self.stats.framing_s += time.perf_counter() - t
+        if self._like is not None and (total.shape, total.dtype) != self._like:
+            raise ProtocolError(f"sum for round {key} has shape {list(total.shape)} ({_dtype(total.dtype)}); our "
+                                f"part has {list(self._like[0])} ({_dtype(self._like[1])})")
         self._future.set_result(total)
 
     def _add(self, key: Key, rank: int, part: torch.Tensor) -> None:
         ordered = self.rounds.add(key, rank, part)
         if ordered is None:
             return
+        ours = ordered[self.rank]
+        for r, p in enumerate(ordered):
+            if p.shape != ours.shape or p.dtype != ours.dtype:
+                # never broadcast-summed: the worker that sent it is cut off, the round fails naming it
+                err = ProtocolError(f"part from rank {r} for round {key} has shape {list(p.shape)} "
+                                    f"({_dtype(p.dtype)}); the hub's part has {list(ours.shape)} ({_dtype(ours.dtype)})")
+                self.worker_links[r].refuse(err)
+                if self._key == key and self._future is not None and not self._future.done():
+                    self._future.set_exception(err)
+                return
         t = time.perf_counter()
         total = ordered[0].float()
         for p in ordered[1:]:
@@ -143,7 +178,11 @@ class StarAllreduce:
         self.finished_req = max(self.finished_req, req)
         if self.rounds is not None and self.rounds.key is not None and self.rounds.key[0] <= req:
             self.rounds.reset()
+        self._held = {r: (k, p) for r, (k, p) in self._held.items() if k[0] > self.finished_req}
 
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _key(msg: dict[str, Any]) -> Key:

@@ -26,6 +26,7 @@ class StarGroup:
         self.host, self.port = host, port
         self.timeouts = timeouts
         self.reduce = StarAllreduce(rank, world, 0, timeouts.allreduce)
+        self.reduce.begin(2**62)  # no originator here: every request is begun
         self._server: asyncio.Server | None = None
         self._all_attached: asyncio.Future | None = None
         self._attached: asyncio.Future | None = None

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
-from ..errors import PromptTooLongError, RequestError
+from ..errors import HandshakeError, LinkError, MeshError, PromptTooLongError, RequestError
+
+RETRIES = 3  # a request resumes on a new plan at most this many times (each after a device is lost)
+
+
+def recoverable(error: BaseException) -> bool:
+    """A failure a new plan may get past: a link lost, timed out, refused on the way or a device's own report of
+    one; not a wrong secret or version (a new plan meets the same devices)."""
+    return isinstance(error, LinkError) and not isinstance(error, HandshakeError)
 from ..model.config import ModelConfig
 from .sampling import Sampler, SamplingParams
 
@@ -30,6 +39,11 @@ class Backend(Protocol):
     async def end(self, history: list[int] | None = None) -> None: ...
 
     def abort(self, reason: str) -> None: ...
+
+    async def recover(self, error: BaseException) -> bool:
+        """After `error` failed a request (a device lost): make the backend able to run again (a new plan over the
+        devices still there) and say so, or False when it cannot."""
+        ...
 
 
 @dataclass
@@ -120,13 +134,59 @@ async def generate(backend: Backend, tokenizer, prompt_ids: list[int], params: S
     # give the first new token)
     keep = min(backend.reusable(prompt_ids), n - 1)
     result.cached_tokens = keep
+    lost: list[str] = []
+    while True:
+        done = None
+        try:
+            async with contextlib.aclosing(_run(backend, prompt_ids, result, sampler, decoder, stopper, eos,
+                                                 max_new, keep, t0)) as pieces:
+                async for piece in pieces:
+                    yield piece
+            return
+        except BaseException as e:
+            if isinstance(e, Exception) and recoverable(e) and len(lost) < RETRIES:
+                lost.append(str(e))
+                done = e
+            else:
+                raise _final(e, result, lost)
+        try:
+            recovered = await backend.recover(done)
+        except Exception as e:
+            raise _final(e, result, lost) from done
+        if not recovered:
+            raise _final(done, result, lost[:-1])
+        keep = 0  # a new plan holds no caches: the prompt and every token so far are computed again
+
+
+def _final(error: BaseException, result: Result, lost: list[str]) -> BaseException:
+    """The error a request ends with: it carries the tokens already made (`.result`, never thrown away) and,
+    when the request had resumed, names what was lost before."""
+    if lost and isinstance(error, MeshError):
+        try:
+            wrapped = type(error)(f"{error} (the request had resumed after: {'; '.join(lost)})")
+        except TypeError:
+            wrapped = None
+        if wrapped is not None:
+            wrapped.__cause__ = error
+            error = wrapped
+    error.result = result
+    return error
+
+
+async def _run(backend: Backend, prompt_ids: list[int], result: Result, sampler: Sampler, decoder, stopper,
+               eos: set[int], max_new: int, keep: int, t0: float) -> AsyncIterator[str]:
+    """The request from where `result` stands (its tokens so far fed back as prompt): at most max_new tokens.
+    The sampler, decoder and stop rules carry on from there, so a resumed run gives the same ids and text."""
+    made = list(result.token_ids)
+    fed = list(prompt_ids) + made  # every id whose KV the next token needs
+    n = len(prompt_ids)
     await backend.begin(n + max_new, keep)
     history = None
     try:
-        ids, start = list(prompt_ids[keep:]), keep
+        ids, start = fed[keep:], keep
         result.finish_reason = "length"
         hit = False
-        for _ in range(max_new):
+        for _ in range(max_new - len(made)):
             token = await backend.next_token(ids, start, sampler)
             now = time.perf_counter() - t0
             if not result.token_ids:
@@ -159,6 +219,7 @@ async def generate(backend: Backend, tokenizer, prompt_ids: list[int], params: S
     except BaseException as e:
         # cancelled (Ctrl-C, a closed stream) or failed: tell every device to stop this request now
         history = None
+        result.finish_reason = ""
         backend.abort(f"{type(e).__name__}: {e}".rstrip(": "))
         raise
     finally:

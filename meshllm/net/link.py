@@ -49,14 +49,16 @@ class Link(asyncio.Protocol):
 
     def __init__(self, conn: Connection, on_message: Callable[["Link", dict[str, Any]], None] | None = None,
                  on_close: Callable[["Link", BaseException | None], None] | None = None,
-                 timeouts: Timeouts = Timeouts(), write_limit: int = WRITE_LIMIT) -> None:
+                 timeouts: Timeouts = Timeouts(), write_limit: int = WRITE_LIMIT,
+                 admit: Callable[["Link"], bool] | None = None) -> None:
         self.conn = conn
+        self.admit = admit  # on an accepted connection: False resets it at once (nothing read, nothing sent)
         self.on_message = on_message
         self.on_close = on_close
         self.timeouts = timeouts
         self.write_limit = write_limit
         self.transport: asyncio.Transport | None = None
-        self.address = ""
+        self.address = self.host = ""
         self.error: BaseException | None = None
         self._loop = loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
@@ -83,7 +85,12 @@ class Link(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
+        self.host = str(peer[0]) if peer else "?"
         self.address = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if self.admit is not None and not self.admit(self):
+            self.error = HandshakeError(f"connection from {self.address} refused: too many unauthenticated ones")
+            transport.abort()  # the descriptor is freed now, not after a handshake timeout
+            return
         self.conn.start()
         self._flush()
 
@@ -108,8 +115,10 @@ class Link(asyncio.Protocol):
             if self.on_message is not None:
                 try:
                     self.on_message(self, msg)
-                except (LinkError, TypeError, ValueError, KeyError) as e:
-                    # a protocol violation (or a field of the wrong type): close this link only
+                except Exception as e:
+                    # a protocol violation (or a field of the wrong type): close this link only, never the process
+                    if not isinstance(e, (LinkError, TypeError, ValueError, KeyError)):
+                        log.exception("a %r message from %s broke its handler", msg.get("t"), self.peer)
                     if not isinstance(e, LinkError):
                         e = ProtocolError(f"malformed {msg.get('t')!r} message: {type(e).__name__}: {e}")
                     self.refuse(e)

@@ -21,7 +21,7 @@ import torch
 
 from ..collectives.driver import StarAllreduce
 from ..errors import MeshError, MeshTimeoutError, ProtocolError
-from ..cluster.plan import human_bytes
+from ..cluster.plan import block_bytes, human_bytes
 from ..discovery.probe import page_cache_room
 from ..model.config import ModelConfig
 from ..model.loader import resolve_dtype
@@ -34,13 +34,26 @@ from ..net.link import Link, Timeouts, connect, new_connection, parse_address
 from ..wire.keys import prepare_async
 from ..wire.frames import DEFAULT_MAX_FRAME, check_tensor
 from .executors import compute_executor, cpu_count, io_executor, release_heap, set_torch_threads
-from .originator import peak_rss_bytes
+from .originator import peak_rss_bytes, rss_bytes
 from .tensors import from_record, to_record
 from .worker import ShardWorker, act_dtype, warm_up
 
 log = logging.getLogger("meshllm.device")
 
 STEP_QUEUE = 8  # commands a session may have queued (begin/step/end); more is a protocol violation
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What peers may make a device hold. Connections not yet authenticated: anyone can open them, so they are
+    capped in total and per address (the excess is reset at once, before any byte is read). Sessions: only peers
+    that proved the secret open them, but one may err; a session holds a shard's weights."""
+
+    pending: int = 64  # connections still in their handshake (each ends within the handshake timeout)
+    pending_per_address: int = 8
+    sessions: int = 8
+    sessions_per_link: int = 2
+BLOCK_SLACK = 64 * 1024  # a streamed block's safetensors header and alignment padding, with room to spare
 BLOCK_RETRIES = 2  # a streamed block that arrives damaged is asked for again this many times, then the load fails
 
 
@@ -100,8 +113,9 @@ class Device:
                  timeouts: Timeouts = Timeouts(), threads: int | None = None,
                  max_frame: int = DEFAULT_MAX_FRAME, capability: float | None = None,
                  cache_dir: str | os.PathLike | None = None, budget: int | None = None,
-                 read_rate: float | None = None, fallback_port: bool = False) -> None:
+                 read_rate: float | None = None, fallback_port: bool = False, limits: Limits = Limits()) -> None:
         self.secret = secret
+        self.limits = limits
         self.node_id = name or f"dev-{uuid.uuid4().hex[:8]}"
         self.host, self.port = host, port
         self.fallback_port = fallback_port  # `port` taken: listen on any free port instead of failing
@@ -115,6 +129,9 @@ class Device:
                      "budget": budget}
         self.links: set[Link] = set()
         self.sessions: dict[str, Session] = {}
+        self._refusals: dict[str, float] = {}  # address -> when its refusal was last logged
+        self._loads: dict[str, Link] = {}  # session id -> its originator, from the load's arrival to its session
+        self._stores: dict[Path, list] = {}  # a shard's folder -> [its resident BlockStore, sessions using it]
         self._server: asyncio.Server | None = None
         self._tasks: asyncio.TaskGroup | None = None
 
@@ -176,10 +193,27 @@ class Device:
 
     def _accept(self) -> Link:
         conn = new_connection(self.secret, self.node_id, initiator=False, info=self.info, max_frame=self.max_frame)
-        link = Link(conn, self._on_message, self._on_close, self.timeouts)
+        link = Link(conn, self._on_message, self._on_close, self.timeouts, admit=self._admit)
         self.links.add(link)
         asyncio.get_running_loop().call_later(self.timeouts.handshake, self._handshake_deadline, link)
         return link
+
+    def _admit(self, link: Link) -> bool:
+        """A new connection from `link.host`: refused when too many are still in their handshake."""
+        pending = [x for x in self.links if x is not link and not x.ready.done() and not x.closed.done()]
+        here = sum(1 for x in pending if x.host == link.host)
+        if len(pending) < self.limits.pending and here < self.limits.pending_per_address:
+            return True
+        now = time.monotonic()
+        if now - self._refusals.get(link.host, -1e9) >= 60:  # once per address per minute
+            self._refusals[link.host] = now
+            if len(self._refusals) > 1024:  # forget the oldest: the log memory is bounded too
+                for host in sorted(self._refusals, key=self._refusals.get)[:512]:
+                    del self._refusals[host]
+            log.warning("refusing connections from %s: %d of its connections (%d in all) have not finished the "
+                        "handshake (limits: %d per address, %d in all); %s", link.host, here, len(pending),
+                        self.limits.pending_per_address, self.limits.pending, descriptor_use())
+        return False
 
     def _handshake_deadline(self, link: Link) -> None:
         if not link.ready.done():
@@ -222,6 +256,7 @@ class Device:
             # a request is open from the arrival of its begin to the arrival of its end (queued or running)
             if kind == "begin":
                 session.open_req, session.capacity = msg["req"], msg["capacity"]
+                session.reduce.begin(msg["req"])  # the hub takes this request's parts from now on
                 # a prefix this device no longer holds (an abort dropped it) fails the request, never its output
                 msg["reuse"] = msg.get("keep", 0) if msg.get("keep", 0) <= session.kv_valid else -1
                 session.kv_valid = 0  # the caches change from here on
@@ -242,6 +277,16 @@ class Device:
         elif kind == "load":
             if not isinstance(msg["session"], str) or msg["session"] in self.sessions:
                 raise ProtocolError(f"load for a bad or duplicate session id {msg['session']!r}")
+            # sessions and loads under way (a burst of loads all arrive before the first registers its session)
+            owners = [x.originator for x in self.sessions.values()] + list(self._loads.values())
+            on_link = sum(1 for x in owners if x is link)
+            if len(owners) >= self.limits.sessions or on_link >= self.limits.sessions_per_link:
+                link.send({"t": "loaded", "session": msg["session"], "error":
+                           f"SessionLimitError: this device holds {len(owners)} sessions, {on_link} of them "
+                           f"this link's (limits: {self.limits.sessions}, {self.limits.sessions_per_link} per link); "
+                           f"close one first"})
+                return
+            self._loads[msg["session"]] = link
             self._spawn(self._load(link, msg), f"load-{msg['session']}")
         elif kind == "connect_hub":
             session = self._session_of(link, msg)
@@ -279,6 +324,7 @@ class Device:
             "rank": session.rank,
             "role": "hub" if session.is_hub else "worker",
             "peak_rss_bytes": peak_rss_bytes(),
+            "rss_bytes": rss_bytes(),
             "weight_bytes": session.store.total_bytes if session.store else 0,
             "resident_weight_bytes": session.store.peak_resident_bytes if session.store else 0,
             "disk_read_bytes": session.store.disk_read_bytes - session.disk_mark if session.store else 0,
@@ -294,6 +340,12 @@ class Device:
 
     async def _load(self, link: Link, msg: dict[str, Any]) -> None:
         sid = str(msg["session"])
+        try:
+            await self._load_session(link, msg, sid)
+        finally:
+            self._loads.pop(sid, None)
+
+    async def _load_session(self, link: Link, msg: dict[str, Any], sid: str) -> None:
         try:
             shard = Shard(*[int(v) for v in msg["shard"][:4]], owns_bias=bool(msg["shard"][4]))
             rank, world, hub_rank = int(msg["rank"]), int(msg["world"]), int(msg["hub"])
@@ -320,6 +372,7 @@ class Device:
         session.slices = asyncio.Queue(maxsize=2)
         session.loader = asyncio.current_task()  # so dropping the session mid-load cancels the load
         self.sessions[sid] = session
+        self._loads.pop(sid, None)
         loop = asyncio.get_running_loop()
         store = None
         try:
@@ -327,6 +380,10 @@ class Device:
             # int4 blocks are kept in this machine's kernel layout: a cache of another torch or CPU is not ours
             key = f"{dtype_name}-{fmt}".replace(":", "g") + (f"-{LAYOUT}" if fmt.quantized else "")
             cache = SliceCache(self.cache_dir, model_hash, shard, key, 2 * config.num_layers)
+            # a streamed block holds what this device computes from the config and shard: its matrices at most as
+            # wide as the compute dtype (a quantized format stores fewer bytes), norms in fp32, a header
+            limit = max(block_bytes(config, shard, str(dtype).removeprefix("torch."))) + 8 * config.hidden_size \
+                + BLOCK_SLACK
             missing, sizes = await loop.run_in_executor(self._io, cache.check)
             fetched = bool(missing)
             if missing:
@@ -336,7 +393,7 @@ class Device:
                 if not missing:
                     break
                 link.send({"t": "need", "session": sid, "blocks": missing})
-                got = {i: await self._receive_block(session, cache, i) for i in missing}
+                got = {i: await self._receive_block(session, cache, i, limit) for i in missing}
                 sizes.update({i: size for i, size in got.items() if size is not None})
                 missing = [i for i, size in got.items() if size is None]  # damaged in transit: asked for again
             if missing:
@@ -346,9 +403,14 @@ class Device:
                 # the frames and conversions of the stream are freed, but glibc keeps freed heap pages: give them
                 # back before the weights load, or they stay in this device's memory for good
                 await loop.run_in_executor(self._io, release_heap)
-            room = await loop.run_in_executor(self._io, page_cache_room, min(self.budget or 0, sum(sizes.values())))
-            store = BlockStore(cache, sizes, config, shard, self.budget, self._io, self.read_rate, room)
-            await store.start()
+            store = self._shared_store(cache.folder)  # another session's blocks of this shard: one copy for both
+            if store is None:
+                room = await loop.run_in_executor(self._io, page_cache_room,
+                                                  min(self.budget or 0, sum(sizes.values())))
+                store = BlockStore(cache, sizes, config, shard, self.budget, self._io, self.read_rate, room)
+                await store.start()
+                if store.window.fits:  # a streaming window is one request's cursor: shared only when resident
+                    self._stores[cache.folder] = [store, 1]
             session.store = store
             session.worker = ShardWorker(config, shard, [], [], dtype, act_dtype(dtype, fmt))
             session.format = str(fmt)
@@ -364,7 +426,7 @@ class Device:
                 log.exception("session %s: load failed", sid)
             self.sessions.pop(sid, None)
             if store is not None:
-                store.close()
+                self._release_store(store)
             if link.is_open and isinstance(e, ProtocolError):
                 link.refuse(e)  # a malformed slice closes the link, like any malformed frame
             elif link.is_open:
@@ -376,9 +438,10 @@ class Device:
         link.send({"t": "loaded", "session": sid, "weight_bytes": store.total_bytes,
                    "resident_bytes": store.resident_bytes, "peak_rss_bytes": peak_rss_bytes()})
 
-    async def _receive_block(self, session: Session, cache: SliceCache, expected: int) -> int | None:
+    async def _receive_block(self, session: Session, cache: SliceCache, expected: int, limit: int) -> int | None:
         """Write one streamed block (chunks acknowledged one by one) into the cache; returns its size, or None
-        when it arrived damaged (its SHA-256 differs) and must be asked for again."""
+        when it arrived damaged (its SHA-256 differs) and must be asked for again. A block may not grow past
+        `limit` bytes: the chunk that would is refused before anything of it is written."""
         loop = asyncio.get_running_loop()
         writer, index = None, None
         try:
@@ -398,6 +461,9 @@ class Device:
                     raise ProtocolError(f"slice chunk for block {msg['block']} at {msg['offset']} out of order")
                 if not isinstance(msg["data"], bytes):
                     raise ProtocolError("slice data must be bytes")
+                if writer.size + len(msg["data"]) > limit:
+                    raise ProtocolError(f"slice stream for block {index} passes {limit} bytes, the most this device "
+                                        f"computes for it from the config, shard and format")
                 await loop.run_in_executor(self._io, writer.write, msg["data"])
                 if msg.get("sha256"):
                     size = None
@@ -591,11 +657,46 @@ class Device:
         if session.worker is not None:
             session.worker.end()
         if session.store is not None:
-            session.store.close()
+            self._release_store(session.store)
+        # the weights and caches leave with this call, whatever reference cycle the session's tasks keep: its
+        # memory is free now (the executor returns the freed heap pages to the system), not at the next GC pass
+        session.store = session.worker = None
+        try:
+            self._io.submit(release_heap)
+        except (AttributeError, RuntimeError):  # not started, or shutting down: the process frees it all anyway
+            pass
+
+    def _shared_store(self, folder) -> BlockStore | None:
+        entry = self._stores.get(folder)
+        if entry is None:
+            return None
+        entry[1] += 1
+        return entry[0]
+
+    def _release_store(self, store: BlockStore) -> None:
+        """One session less uses `store`: closed with its last user."""
+        entry = self._stores.get(store.cache.folder)
+        if entry is not None and entry[0] is store:
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del self._stores[store.cache.folder]
+        store.close()
 
     async def serve_until(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set."""
         await stop.wait()
+
+
+def descriptor_use() -> str:
+    """'N of M file descriptors open' for this process (Linux), or ''."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return f"{len(os.listdir('/proc/self/fd'))} of {soft} file descriptors open"
+    except (OSError, ImportError, ValueError):
+        return ""
 
 
 def storage_read_bytes() -> int:

@@ -205,21 +205,39 @@ class MeshEngine(Originator):
         """Between requests: leave the current devices and bring up a new plan over `devices` (a new session;
         each device keeps its slice cache, so a shard it held before is not sent again)."""
         async with self._lock:  # never while a request runs
-            await self._stop()
-            self.addresses = list(devices)
-            self.weights = None  # split weights were per address: the new plan uses what devices advertise
-            self.session = uuid.uuid4().hex[:12]
+            await self._replan(devices)
+
+    async def recover(self, error: BaseException) -> bool:
+        """A device was lost mid-request (`error`): a new plan over the devices still here, so the request goes on
+        (the decode loop feeds the prompt and the tokens so far to it). False when none is left."""
+        alive = [m.address for m in self.members if m.link.is_open]
+        if not alive or isinstance(error, MeshTimeoutError) and len(alive) == len(self.members):
+            return False  # no device left; or a step timed out with every device still answering (and beating):
+            # a new plan over the same devices would wait the same way
+        log.warning("%s: re-planning over %d device(s) and resuming the request", error, len(alive))
+        skip, self.skip_unreachable = self.skip_unreachable, True  # one that stopped answering is left out
+        try:
+            await self._replan(alive)
+        finally:
+            self.skip_unreachable = skip
+        return bool(self.members)
+
+    async def _replan(self, devices: Sequence[str]) -> None:
+        await self._stop()
+        self.addresses = list(devices)
+        self.weights = None  # split weights were per address: the new plan uses what devices advertise
+        self.session = uuid.uuid4().hex[:12]
+        self.plan = None
+        self._kv_ids = []  # a new session: the devices hold no caches of ours
+        self._failure = None
+        self._pending.clear()
+        self._active = False
+        try:
+            await self._start()
+        except BaseException:
+            await self._stop()  # never leave a half-built plan behind: no members means a new bring-up
             self.plan = None
-            self._kv_ids = []  # a new session: the devices hold no caches of ours
-            self._failure = None
-            self._pending.clear()
-            self._active = False
-            try:
-                await self._start()
-            except BaseException:
-                await self._stop()  # never leave a half-built plan behind: no members means a new bring-up
-                self.plan = None
-                raise
+            raise
 
     # -- messages ----------------------------------------------------------------------------------------------
 
@@ -383,7 +401,7 @@ class MeshEngine(Originator):
             shard = self.plan.shards[m.rank]
             out.append({
                 "id": s["node"], "address": m.address, "role": s["role"], "rank": m.rank,
-                "peak_rss_bytes": s["peak_rss_bytes"], "weight_bytes": s["weight_bytes"],
+                "peak_rss_bytes": s["peak_rss_bytes"], "rss_bytes": s.get("rss_bytes"), "weight_bytes": s["weight_bytes"],
                 "resident_weight_bytes": s["resident_weight_bytes"], "disk_read_bytes": s["disk_read_bytes"],
                 "memory_budget_bytes": s["budget_bytes"], "weight_format": s.get("weight_format"),
                 "share": round(self.plan.share(m.rank, self.config), 4),

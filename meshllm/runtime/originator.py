@@ -38,6 +38,11 @@ def peak_rss_bytes() -> int:
     return proc_kib("/proc/self/status", "VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux; 0 elsewhere)."""
+    return proc_kib("/proc/self/status", "VmRSS") or 0
+
+
 class Originator:
     """Base of the engines: load the head and tokenizer, encode prompts, run the decode loop."""
 
@@ -140,6 +145,10 @@ class Originator:
 
     async def end(self, history: list[int] | None = None) -> None:
         raise NotImplementedError
+
+    async def recover(self, error: BaseException) -> bool:
+        """A request failed with `error`: can it go on (see generation.loop)? Not on one device."""
+        return False
 
     def abort(self, reason: str) -> None:
         """Stop the running request everywhere (called when it is cancelled or fails)."""
