@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--cache-dir", metavar="DIR", help="where this device keeps its slices "
                                                      "(default: $MESHLLM_HOME or ~/.cache/meshllm)")
     j.add_argument("--read-rate", type=parse_size, metavar="SIZE", help=argparse.SUPPRESS)  # test hook: bytes/s
+    j.add_argument("--cache-max", type=parse_size, metavar="SIZE",
+                   help="what the slice cache may hold, e.g. 20GiB; over it, the least recently used models no "
+                        "session uses are removed (default: half of the room its disk has at start)")
     lim = j.add_argument_group("limits (what peers may make this device hold)")
     lim.add_argument("--max-pending", type=_positive_int, default=64, metavar="N",
                      help="connections still in their handshake, in all (default: 64); more are reset at once")
@@ -593,6 +596,7 @@ async def _cmd_join(args: argparse.Namespace) -> int:
             secret, name=args.name, host=host, port=DEFAULT_PORT if args.port is None else args.port,
             fallback_port=args.port is None, threads=threads, budget=args.memory_budget,
             cache_dir=cache, read_rate=args.read_rate, capability=score,
+            cache_max=args.cache_max,
             limits=Limits(pending=args.max_pending, pending_per_address=args.max_pending_per_address,
                           sessions=args.max_sessions, sessions_per_link=args.max_sessions_per_link)))
         if not args.no_advertise:

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import os
+import subprocess
 import time
 
 import pytest
@@ -26,6 +27,7 @@ from helpers.wire import frame_bodies, handshake_and_sealed
 from meshllm.discovery.records import mesh_id
 from meshllm.errors import LinkError
 from meshllm.generation.sampling import SamplingParams
+from meshllm.net.link import connect
 from meshllm.runtime.launcher import LocalCluster
 from meshllm.runtime.mesh import MeshEngine, local_secret
 from meshllm.wire.frames import HEADER, PROTOCOL_VERSION, FrameDecoder, encode_frame, tensor_record
@@ -308,3 +310,35 @@ async def test_two_apps_on_the_same_devices_hold_one_copy_of_the_weights(make_mo
         assert d["weight_bytes"] > 8 << 20  # a share big enough to see twice
         grew = two[node]["rss_bytes"] - d["rss_bytes"]
         assert grew < d["weight_bytes"] // 4, (node, grew, d["weight_bytes"])
+
+
+async def test_a_msgpack_bomb_is_refused_without_the_device_growing(mesh):
+    """An authenticated peer sends frames that would unpack into hundreds of millions of objects (an array of 8M
+    empty arrays is 8 MB on the wire and over 450 MB in Python): each is refused on its container counts, the
+    link closes with the reason, and the device's memory grows by no more than the frame itself."""
+    folder, addresses, secret, expected = mesh
+    host, port = addresses[0].rsplit(":", 1)
+    pid = int(subprocess.run(["ss", "-Htlnp", f"sport = :{port}"], capture_output=True,
+                             text=True).stdout.split("pid=")[1].split(",")[0])
+
+    def rss() -> int:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    n = 8 << 20
+    bombs = [
+        b"\x82\xa1t\xa4ping\xa5nonce" + b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n,  # [[], [], ...]
+        b"\x82\xa1t\xa4ping\xa5nonce" + b"\xdd" + (1 << 16).to_bytes(4, "big")
+        + (b"\xdd" + (1 << 7).to_bytes(4, "big") + b"\xc0" * (1 << 7)) * (1 << 16),  # 65536 arrays of 128 nils
+    ]
+    before = rss()
+    for bomb in bombs:
+        link = await asyncio.wait_for(connect(host, int(port), secret, "bomber"), 10)
+        link.write_frame(link.conn.frame(bomb))
+        await asyncio.wait_for(asyncio.shield(link.closed), 30)
+        assert "frame" in str(link.error) and ("unpack limit" in str(link.error) or "more than" in str(link.error))
+    grew = rss() - before
+    assert grew < 2 * n + (32 << 20), f"the device grew by {grew >> 20} MiB"
+    assert await run_through(folder, addresses[0], secret, Relay(addresses[0])) == expected  # still serving

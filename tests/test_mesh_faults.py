@@ -148,8 +148,7 @@ async def test_a_killed_device_is_noticed_fast_and_the_request_resumes(make_mode
             gap = result.token_times[kill_at] - result.token_times[kill_at - 1]
             assert gap < 10.0, f"took {gap:.1f} s to notice and resume"
             assert victim.address not in [m.address for m in mesh.members] and len(mesh.members) == 2
-    assert any("resuming the request" in r.message for r in caplog.records), caplog.text
-    assert any(victim.name in r.message or victim.address in r.message for r in caplog.records), caplog.text
+    assert "resuming the request" in caplog.text and victim.address in caplog.text, (victim.address, caplog.text)
 
 
 async def test_a_request_that_loses_every_device_keeps_its_tokens_and_names_each_loss(make_model, tmp_path):
@@ -271,8 +270,7 @@ async def test_a_hung_device_is_found_by_its_silence_and_idle_links_stay_open(ma
             assert gap < timeouts.silence + 4, f"took {gap:.1f} s to notice and resume"
             assert [m.address for m in mesh.members] != [victim.address] and len(mesh.members) == 1
     # named by its node id and its own address (every device here shares 127.0.0.1: the port tells them apart)
-    assert any(f"no word from {victim.link.conn.peer_id} ({victim.address})" in r.message
-               for r in caplog.records), caplog.text
+    assert f"no word from {victim.link.conn.peer_id} ({victim.address})" in caplog.text, caplog.text
 
 
 async def test_a_hub_lost_between_requests_fails_no_request_on_the_workers(make_model, tmp_path):

@@ -22,13 +22,14 @@ import torch
 from ..collectives.driver import StarAllreduce
 from ..errors import MeshError, MeshTimeoutError, ProtocolError
 from ..cluster.plan import block_bytes, human_bytes
-from ..discovery.probe import page_cache_room
+from ..discovery.probe import free_disk, page_cache_room
 from ..model.config import ModelConfig
 from ..model.loader import resolve_dtype
 from ..model.shard import Shard
 from ..model.default import cache_dir as default_cache_dir
 from ..model.weights import LAYOUT, Format
-from ..scheduler.slices import BlockDamagedError, CacheError, SliceCache, block_name, localize_block
+from ..scheduler.slices import (BlockDamagedError, CacheError, SliceCache, block_name, cache_bytes, evict,
+                                localize_block, tidy, touch)
 from .blocks import BlockStore
 from ..net.link import Link, Timeouts, connect, new_connection, parse_address
 from ..wire.keys import prepare_async
@@ -113,7 +114,8 @@ class Device:
                  timeouts: Timeouts = Timeouts(), threads: int | None = None,
                  max_frame: int = DEFAULT_MAX_FRAME, capability: float | None = None,
                  cache_dir: str | os.PathLike | None = None, budget: int | None = None,
-                 read_rate: float | None = None, fallback_port: bool = False, limits: Limits = Limits()) -> None:
+                 read_rate: float | None = None, fallback_port: bool = False, limits: Limits = Limits(),
+                 cache_max: int | None = None) -> None:
         self.secret = secret
         self.limits = limits
         self.node_id = name or f"dev-{uuid.uuid4().hex[:8]}"
@@ -124,6 +126,7 @@ class Device:
         self.max_frame = max_frame
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.budget = budget  # bytes of weights this device may hold at once (None: no limit)
+        self.cache_max = cache_max  # bytes the slice cache may hold (None: half of its disk's room, set at start)
         self.read_rate = read_rate  # test hook: cap block reads at this many bytes/s (a slow disk)
         self.info = {"cores": cpu_count(), "capability": capability or float(threads or cpu_count()),
                      "budget": budget}
@@ -146,6 +149,7 @@ class Device:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._compute, warm_up)
         await prepare_async(self.secret)  # the mesh key, before the first link needs it
+        await loop.run_in_executor(self._io, self._tidy_cache)
         try:
             try:
                 self._server = await loop.create_server(self._accept, self.host, self.port)
@@ -188,6 +192,32 @@ class Device:
             except Exception:
                 log.exception("task %s failed", name)
         return self._tasks.create_task(guarded(), name=name)
+
+    # -- the slice cache ----------------------------------------------------------------------------------------
+
+    def _tidy_cache(self) -> None:
+        """At start: drop what no finished shard owns; set the default cap (half of what the disk could hold)."""
+        removed = tidy(self.cache_dir)
+        if removed:
+            log.info("slice cache: removed %d leftover file(s) or unfinished shard(s) under %s", len(removed),
+                     self.cache_dir / "slices")
+        if self.cache_max is None:
+            held = cache_bytes(self.cache_dir)
+            self.cache_max = (held + free_disk(self.cache_dir)) // 2
+
+    def _enforce_cache_cap(self, cache: SliceCache) -> None:
+        """After a load: the model just used is the most recent; over the cap, the least recently used models
+        that no session uses go (blocking: the I/O executor)."""
+        touch(cache.model_folder)
+        keep = {s.store.cache.model_folder for s in self.sessions.values() if s.store is not None}
+        keep.add(cache.model_folder)
+        for folder, size in evict(self.cache_dir, self.cache_max, keep):
+            log.info("slice cache over its cap of %s: removed model %s (%s, least recently used)",
+                     human_bytes(self.cache_max), folder.name, human_bytes(size))
+        held = cache_bytes(self.cache_dir)
+        if held > self.cache_max:
+            log.warning("slice cache holds %s, over its cap of %s, in models in use: raise --cache-max",
+                        human_bytes(held), human_bytes(self.cache_max))
 
     # -- links ------------------------------------------------------------------------------------------------
 
@@ -399,6 +429,8 @@ class Device:
             if missing:
                 raise CacheError(f"block {block_name(missing[0])} arrived damaged {BLOCK_RETRIES + 1} times "
                                  f"(SHA-256 mismatch): the link or the originator's copy corrupts it")
+            await loop.run_in_executor(self._io, cache.mark_complete)
+            await loop.run_in_executor(self._io, self._enforce_cache_cap, cache)
             if fetched:
                 # the frames and conversions of the stream are freed, but glibc keeps freed heap pages: give them
                 # back before the weights load, or they stay in this device's memory for good

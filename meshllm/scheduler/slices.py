@@ -285,10 +285,22 @@ class SliceCache:
         return BlockWriter(self.path(index), self.folder)
 
     def record(self, index: int, size: int, digest: str) -> None:
-        """Add a stored block to the manifest (rewritten atomically)."""
+        """Add a stored block to the manifest (rewritten atomically); the shard is complete with its last block."""
         m = self._manifest() or {"version": 1, "blocks": {}}
         m["blocks"][str(index)] = {"size": size, "sha256": digest}
+        m["complete"] = all(str(i) in m["blocks"] for i in range(self.num_blocks))
         _atomic_write(self.manifest_path, json.dumps(m, indent=1).encode(), self.folder)
+
+    def mark_complete(self) -> None:
+        """Every block is present and checked: say so in the manifest (tidy keeps only complete shards)."""
+        m = self._manifest()
+        if m and m.get("complete") is not True:
+            m["complete"] = True
+            _atomic_write(self.manifest_path, json.dumps(m, indent=1).encode(), self.folder)
+
+    @property
+    def model_folder(self) -> Path:
+        return self.folder.parent
 
 
 class BlockWriter:
@@ -359,3 +371,121 @@ def _cache_error(e: OSError, folder: Path) -> CacheError:
         return CacheError(f"no space left on the device writing the slice cache in {folder} ({free} bytes free); "
                           f"free some disk or point --cache-dir at a larger disk")
     return CacheError(f"cannot write the slice cache in {folder}: {e.strerror or e}")
+
+
+# -- the cache as a whole: tidy at start, a size cap with least-recently-used eviction of whole models ------------
+
+STAMP = ".last-used"  # in a model's folder: touched whenever a session loads one of its shards
+STALE_S = 600.0  # unfinished work older than this is junk (younger may be another device's stream in progress)
+
+
+def cache_bytes(root: Path) -> int:
+    """Bytes of every file under <root>/slices."""
+    total = 0
+    for dirpath, _, files in os.walk(Path(root) / "slices"):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _manifest_blocks(folder: Path) -> dict[str, Any] | None:
+    try:
+        m = json.loads((folder / "manifest.json").read_text())
+        blocks = m["blocks"]
+        # a manifest from before `complete` was written counts as finished (its blocks are still checksummed)
+        return blocks if isinstance(blocks, dict) and m.get("complete", True) is True else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def tidy(root: Path, now: float | None = None) -> list[Path]:
+    """Remove from <root>/slices what no finished, checksummed shard owns: temporary and unknown files, block
+    files their manifest does not list (or lists with another size), shard folders never finished. Anything
+    modified in the last STALE_S seconds is left alone (another device sharing the cache may be writing it).
+    Returns what was removed."""
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    base = Path(root) / "slices"
+    if not base.is_dir():
+        return removed
+
+    def old(p: Path) -> bool:
+        try:
+            return now - p.lstat().st_mtime > STALE_S
+        except OSError:
+            return False
+
+    def drop(p: Path) -> None:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+
+    for model in list(base.iterdir()):
+        if not model.is_dir() or model.is_symlink():
+            if old(model):
+                drop(model)
+            continue
+        for shard in list(model.iterdir()):
+            if shard.name == STAMP:
+                continue
+            if not shard.is_dir() or shard.is_symlink():
+                if old(shard):
+                    drop(shard)
+                continue
+            blocks = _manifest_blocks(shard)
+            if blocks is None:
+                if old(shard) and all(old(f) for f in shard.iterdir()):
+                    drop(shard)  # never finished, and nobody is writing to it
+                continue
+            wanted = {"manifest.json": None, **{block_name(int(i)): e.get("size") for i, e in blocks.items()
+                                                 if str(i).isdigit() and isinstance(e, dict)}}
+            for f in list(shard.iterdir()):
+                if f.name not in wanted:
+                    if old(f):
+                        drop(f)
+                elif wanted[f.name] is not None and f.lstat().st_size != wanted[f.name]:
+                    drop(f)  # checked again (and fetched) at its next load
+        emptied = any(p.parent == model for p in removed)  # by us, just now (that touched its mtime)
+        if not any(p.name != STAMP for p in model.iterdir()) and (emptied or old(model)):
+            drop(model)
+    return removed
+
+
+def touch(model_folder: Path) -> None:
+    """Mark a model's folder as used now (for least-recently-used eviction)."""
+    model_folder.mkdir(parents=True, exist_ok=True)
+    (model_folder / STAMP).touch()
+
+
+def _last_used(model_folder: Path) -> float:
+    try:
+        return (model_folder / STAMP).stat().st_mtime
+    except OSError:
+        try:
+            return model_folder.stat().st_mtime
+        except OSError:
+            return 0.0
+
+
+def evict(root: Path, cap: int, keep: set[Path]) -> list[tuple[Path, int]]:
+    """While the cache is over `cap` bytes, remove whole models, least recently used first, never one in `keep`
+    (the models of live sessions). Returns (folder, bytes) of each removed."""
+    base = Path(root) / "slices"
+    removed: list[tuple[Path, int]] = []
+    total = cache_bytes(root)
+    if total <= cap or not base.is_dir():
+        return removed
+    models = sorted((p for p in base.iterdir() if p.is_dir() and p not in keep), key=_last_used)
+    for model in models:
+        if total <= cap:
+            break
+        size = sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
+        shutil.rmtree(model, ignore_errors=True)
+        removed.append((model, size))
+        total -= size
+    return removed

@@ -33,14 +33,16 @@ def spread(sizes: Sequence[int], room: int, among: Sequence[int] | None = None) 
     total = sum(sizes[i] for i in idx)
     if room <= 0 or not total:
         return frozenset()
-    share = min(1.0, room / total)
-    chosen, held, credit = [], 0, 0.0
+    # credit in bytes x total, so the fair share min(room, total) / total is exact (no float drift skips a block
+    # that fits exactly)
+    share = min(room, total)
+    chosen, held, credit = [], 0, 0
     for i in idx:
         credit += sizes[i] * share
-        if credit >= sizes[i] and held + sizes[i] <= room:
+        if credit >= sizes[i] * total and held + sizes[i] <= room:
             chosen.append(i)
             held += sizes[i]
-            credit -= sizes[i]
+            credit -= sizes[i] * total
     return frozenset(chosen)
 
 
