@@ -5,9 +5,10 @@ and decode with devices pinned to one core each (N=2 vs N=1).
 
 allreduce: N processes on loopback, one member each; a round's latency is timed on rank 1 (a non-hub worker for
 our star), median and p99 over rounds; the wire floor is a plain-socket ping-pong of the same payload, so
-"overhead" = our N=2 round - that round trip; "sealing" = what the AEAD adds to the two hops on a round's critical
-path at N=2 (a worker's part up, the sum down), measured in process: one hop sealed against the same hop with the
-AEAD replaced by a no-op of the same frame size, interleaved, best median of each. decode: `LocalCluster` + `MeshEngine`, 32-token prompt, greedy; the
+"overhead" = our N=2 round - that round trip; "seal AEAD" = what the AEAD adds to the two hops on a round's critical
+path at N=2 (a worker's part up, the sum down) in a warm loop in one process: one hop sealed against the same hop
+with the AEAD replaced by a no-op of the same frame size, interleaved, best median of each; "seal live" = the
+median paired difference of live N=2 rounds, sealed against the same no-op (interleaved runs): the real cost. decode: `LocalCluster` + `MeshEngine`, 32-token prompt, greedy; the
 breakdown comes from each device's counters, with a prefill-only request subtracted. Writes
 benchmarks/mesh.json. The machine is shared and has 2 cores: N > 2 processes time-share them.
 """
@@ -54,8 +55,13 @@ class _ClearSealer:
         return bytes(sealed[:-16])
 
 
-async def _star_member(rank: int, world: int, port: int, nbytes: int, rounds: int) -> None:
+async def _star_member(rank: int, world: int, port: int, nbytes: int, rounds: int, clear: bool = False) -> None:
     import torch
+
+    if clear:  # the measurement control: the same frames, the AEAD replaced by a no-op
+        import meshllm.wire.connection as conn
+
+        conn.Sealer = conn.Opener = _ClearSealer
 
     from meshllm.collectives.group import StarGroup
 
@@ -134,7 +140,7 @@ def _run_group(kind: str, world: int, nbytes: int, rounds: int) -> list[float]:
     me = [sys.executable, __file__, "--_member", kind]
     procs = []
     port = _free_port()
-    if kind in ("star", "pingpong"):
+    if kind in ("star", "star-clear", "pingpong"):
         hub = subprocess.Popen(me + ["0", str(world), "0", str(nbytes), str(rounds)], stdout=subprocess.PIPE, text=True)
         port = int(hub.stdout.readline().split()[1])
         procs.append(hub)
@@ -212,13 +218,23 @@ def bench_allreduce(args) -> list[dict]:
         lat = _run_group("pingpong", 2, nbytes, rounds)[warm:]
         wire[nbytes] = statistics.median(lat)
     sealing = {n: seal_cost(n)["per_hop_us"] for n in sizes}
+    live = {}
+    for nbytes in sizes:
+        # sealed and unsealed N=2 rounds, interleaved: the median of the paired differences is what sealing adds
+        # to a live round (cold caches between rounds make each AEAD call dearer than in a warm loop)
+        diffs = []
+        for _ in range(3 if args.quick else 5):
+            sealed = statistics.median(_run_group("star", 2, nbytes, rounds)[warm:])
+            clear = statistics.median(_run_group("star-clear", 2, nbytes, rounds)[warm:])
+            diffs.append(sealed - clear)
+        live[nbytes] = statistics.median(diffs) * 1e6
     for world in (2, 4, 8):
         for nbytes in sizes:
             ours = _run_group("star", world, nbytes, rounds)[warm:]
             gloo = _run_group("gloo", world, nbytes, rounds)[warm:]
             row = {"N": world, "payload_bytes": nbytes,
                    "star_p50_us": statistics.median(ours) * 1e6, "star_p99_us": pct(ours, 0.99) * 1e6,
-                   "sealing_us": 2 * sealing[nbytes],
+                   "sealing_us": 2 * sealing[nbytes], "sealing_live_us": live[nbytes],
                    "gloo_p50_us": statistics.median(gloo) * 1e6, "gloo_p99_us": pct(gloo, 0.99) * 1e6,
                    "tcp_pingpong_p50_us": wire[nbytes] * 1e6}
             row["star_vs_gloo"] = row["star_p50_us"] / row["gloo_p50_us"]
@@ -301,8 +317,8 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--_member":
         kind, *rest = sys.argv[2:]
         vals = [int(v) for v in rest]
-        if kind == "star":
-            asyncio.run(_star_member(*vals))
+        if kind in ("star", "star-clear"):
+            asyncio.run(_star_member(*vals, clear=kind == "star-clear"))
         elif kind == "gloo":
             _gloo_member(*vals)
         else:
@@ -339,12 +355,13 @@ def print_tables(out: dict) -> None:
     if "allreduce" in out:
         print("\nallreduce round latency on loopback (rank 1, microseconds)")
         print(f"{'N':>3}{'payload':>9}{'star p50':>10}{'p99':>9}{'gloo p50':>10}{'p99':>9}{'star/gloo':>11}"
-              f"{'tcp rtt':>9}{'overhead':>10}{'sealing':>9}")
+              f"{'tcp rtt':>9}{'overhead':>10}{'seal AEAD':>10}{'seal live':>10}")
         for r in out["allreduce"]:
             ov = f"{r['software_overhead_us']:10.1f}" if "software_overhead_us" in r else f"{'':>10}"
             print(f"{r['N']:>3}{r['payload_bytes']:>9}{r['star_p50_us']:>10.1f}{r['star_p99_us']:>9.1f}"
                   f"{r['gloo_p50_us']:>10.1f}{r['gloo_p99_us']:>9.1f}{r['star_vs_gloo']:>11.2f}"
-                  f"{r['tcp_pingpong_p50_us']:>9.1f}{ov}{r.get('sealing_us', float('nan')):>9.1f}")
+                  f"{r['tcp_pingpong_p50_us']:>9.1f}{ov}{r.get('sealing_us', float('nan')):>10.1f}"
+                  f"{r.get('sealing_live_us', float('nan')):>10.1f}")
     for key, title in (("decode", "decode (ms per token)"), ("decode_pinned", "decode, one core per device (ms)")):
         if key not in out:
             continue

@@ -108,7 +108,7 @@ async def test_a_device_keeps_its_cache_under_cache_max(make_model, tmp_path):
     assert "over its cap of 800.0 KiB: removed model" in text and "least recently used" in text, text[-2000:]
 
 
-@pytest.mark.parametrize("junk", ["part", "unfinished"])
+@pytest.mark.parametrize("junk", ["part", pytest.param("unfinished", marks=pytest.mark.slow)])
 async def test_a_device_removes_leftovers_at_start(tmp_path, junk):
     root = tmp_path / "cache"
     if junk == "part":

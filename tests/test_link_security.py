@@ -136,7 +136,7 @@ async def test_a_tap_finds_no_embedding_row_of_the_prompt(mesh):
             assert [f["t"] for f in clear_frames] == ["hello", "auth"] and len(sealed) >= 2
 
 
-@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("direction", ["down", pytest.param("up", marks=pytest.mark.slow)])
 async def test_one_flipped_byte_fails_the_request_with_an_integrity_error(mesh, direction):
     folder, addresses, secret, expected = mesh
     flipped = []
@@ -155,7 +155,8 @@ async def test_one_flipped_byte_fails_the_request_with_an_integrity_error(mesh, 
     assert await run_through(folder, addresses[0], secret, Relay(addresses[0])) == expected  # still serving
 
 
-@pytest.mark.parametrize("trick", ["replay", "reorder", "drop"])
+@pytest.mark.parametrize("trick", ["replay", pytest.param("reorder", marks=pytest.mark.slow),
+                                   pytest.param("drop", marks=pytest.mark.slow)])
 async def test_a_replayed_reordered_or_dropped_frame_closes_the_link(mesh, trick):
     folder, addresses, secret, expected = mesh
     held: list[bytes] = []

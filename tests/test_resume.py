@@ -47,7 +47,7 @@ def pid_on(address: str) -> int:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGSTOP, marks=pytest.mark.slow)],
                          ids=["killed", "hung"])
-@pytest.mark.parametrize("role", ["worker", "hub"])
+@pytest.mark.parametrize("role", ["worker", pytest.param("hub", marks=pytest.mark.slow)])
 async def test_a_request_resumes_after_losing_a_device(model, sig, role):
     expected = await reference(model)
     secret = local_secret()
