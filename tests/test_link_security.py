@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import hmac
 import os
-import subprocess
 import time
 
 import pytest
@@ -23,14 +22,15 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from safetensors.torch import load_file
 
 from helpers.checkpoints import VARIANTS
-from helpers.wire import frame_bodies, handshake_and_sealed
+from helpers.devices import pid_listening_on
+from helpers.wire import Relay, frame_bodies, handshake_and_sealed
 from meshllm.discovery.records import mesh_id
 from meshllm.errors import LinkError
 from meshllm.generation.sampling import SamplingParams
 from meshllm.net.link import connect
 from meshllm.runtime.launcher import LocalCluster
 from meshllm.runtime.mesh import MeshEngine, local_secret
-from meshllm.wire.frames import HEADER, PROTOCOL_VERSION, FrameDecoder, encode_frame, tensor_record
+from meshllm.wire.frames import PROTOCOL_VERSION, FrameDecoder, encode_frame, tensor_record
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -46,48 +46,6 @@ async def mesh(make_model):
         async with MeshEngine(folder, addresses, secret) as m:
             expected = (await m.generate(PROMPT, PARAMS, chat=False)).token_ids
         yield folder, addresses, secret, expected
-
-
-class Relay:
-    """A TCP relay to `target` that passes whole frames, after `edit(direction, n, frame) -> [frames]` (n counts the
-    frames of that direction, handshake included: 0 hello, 1 auth, 2.. sealed). It records every byte."""
-
-    def __init__(self, target: str, edit=None) -> None:
-        self.host, port = target.rsplit(":", 1)
-        self.port, self.edit = int(port), edit or (lambda d, n, f: [f])
-        self.seen = {"up": bytearray(), "down": bytearray()}  # up: originator -> device
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc) -> None:
-        self.server.close()
-        for w in self.writers:
-            w.close()
-
-    async def _handle(self, reader, writer) -> None:
-        up_r, up_w = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 5)
-        self.writers += [writer, up_w]
-        await asyncio.gather(self._pump("up", reader, up_w), self._pump("down", up_r, writer))
-
-    async def _pump(self, direction: str, src, dst) -> None:
-        buf, n = bytearray(), 0
-        try:
-            while data := await src.read(1 << 16):
-                self.seen[direction] += data
-                buf += data
-                while len(buf) >= HEADER.size and len(buf) >= HEADER.size + HEADER.unpack_from(buf)[0]:
-                    end = HEADER.size + HEADER.unpack_from(buf)[0]
-                    for frame in self.edit(direction, n, bytes(buf[:end])):
-                        dst.write(frame)
-                    del buf[:end]
-                    n += 1
-        except ConnectionError:
-            pass
-        finally:
-            dst.close()
 
 
 async def run_through(folder, address: str, secret: bytes, relay: Relay):
@@ -319,8 +277,7 @@ async def test_a_msgpack_bomb_is_refused_without_the_device_growing(mesh):
     link closes with the reason, and the device's memory grows by no more than the frame itself."""
     folder, addresses, secret, expected = mesh
     host, port = addresses[0].rsplit(":", 1)
-    pid = int(subprocess.run(["ss", "-Htlnp", f"sport = :{port}"], capture_output=True,
-                             text=True).stdout.split("pid=")[1].split(",")[0])
+    pid = pid_listening_on(addresses[0])
 
     def rss() -> int:
         for line in open(f"/proc/{pid}/status"):

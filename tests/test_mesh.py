@@ -10,7 +10,7 @@ import pytest_asyncio
 import torch
 
 from helpers.checkpoints import VARIANTS
-from helpers.wire import handshake_and_sealed
+from helpers.wire import Relay, handshake_and_sealed
 from meshllm.generation.sampling import SamplingParams
 from meshllm.runtime.launcher import LocalCluster
 from meshllm.runtime.local import LocalEngine
@@ -111,52 +111,11 @@ async def test_a_prefill_larger_than_half_a_frame_goes_as_several_steps(make_mod
         assert mesh.step == -(-len(prompt_ids) // 10) + 7
 
 
-class Tap:
-    """A TCP relay that records every byte each side sends (to prove what crosses the wire)."""
-
-    def __init__(self, target: str) -> None:
-        self.host, port = target.rsplit(":", 1)
-        self.port = int(port)
-        self.sent: list[bytes] = []  # every chunk, both directions
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc) -> None:
-        self.server.close()
-
-    async def _handle(self, reader, writer) -> None:
-        up_r, up_w = await asyncio.open_connection(self.host, self.port)
-        parts = []
-
-        async def pump(src, dst, sink):
-            try:
-                while data := await src.read(65536):
-                    sink.append(data)
-                    dst.write(data)
-            finally:
-                dst.close()
-
-        a, b = bytearray(), bytearray()
-        parts.append(asyncio.ensure_future(pump(reader, up_w, self._sink(a))))
-        parts.append(asyncio.ensure_future(pump(up_r, writer, self._sink(b))))
-        await asyncio.gather(*parts, return_exceptions=True)
-        self.sent += [bytes(a), bytes(b)]
-
-    @staticmethod
-    def _sink(buf: bytearray):
-        class Sink:
-            def append(self, data):
-                buf.extend(data)
-        return Sink()
-
-
 async def test_prompt_text_and_token_ids_never_leave_the_originator(make_model, cluster):
     addresses, secret = cluster
     folder = make_model("gqa_tied", **VARIANTS["gqa_tied"])
     secret_prompt = "zebra quantum marmalade"
-    taps = [Tap(a) for a in addresses[:3]]
+    taps = [Relay(a) for a in addresses[:3]]
     tapped = [await t.__aenter__() for t in taps]
     try:
         async with MeshEngine(folder, tapped, secret) as mesh:
@@ -166,7 +125,7 @@ async def test_prompt_text_and_token_ids_never_leave_the_originator(make_model, 
         for t in taps:
             await t.__aexit__()
     await asyncio.sleep(0.2)
-    streams = [s for t in taps for s in t.sent]
+    streams = [bytes(s) for t in taps for s in t.seen.values()]
     assert sum(map(len, streams)) > 10_000  # the taps saw the traffic (steps, parts, sums)
     everything = b"".join(streams)
     for word in secret_prompt.split():

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
 from helpers.checkpoints import VARIANTS
+from helpers.devices import pid_listening_on
 from helpers.wire import split_frames
 from meshllm.errors import (
     AuthenticationError,
@@ -141,7 +141,7 @@ async def test_a_killed_device_is_noticed_fast_and_the_request_resumes(make_mode
             async for _ in mesh.stream(PROMPT, params, chat=False, result=result):
                 pieces += 1
                 if pieces == 5:
-                    os.kill(_pid_listening_on(victim.address), signal.SIGKILL)
+                    os.kill(pid_listening_on(victim.address), signal.SIGKILL)
                     kill_at = len(result.token_ids)
             assert result.token_ids == expected
             assert kill_at < len(expected)
@@ -164,17 +164,11 @@ async def test_a_request_that_loses_every_device_keeps_its_tokens_and_names_each
                                            result=result):
                     pieces += 1
                     if pieces in (5, 12):
-                        os.kill(_pid_listening_on(mesh.members[0].address), signal.SIGKILL)
+                        os.kill(pid_listening_on(mesh.members[0].address), signal.SIGKILL)
     assert info.value.result is result and len(result.token_ids) >= 11  # what was made is kept, not thrown away
     for address, name in names.items():
         assert name in str(info.value) or address in str(info.value), (name, str(info.value))
     assert "the request had resumed after" in str(info.value)
-
-
-def _pid_listening_on(address: str) -> int:
-    port = address.rsplit(":", 1)[1]
-    out = subprocess.run(["ss", "-Htlnp", f"sport = :{port}"], capture_output=True, text=True).stdout
-    return int(out.split("pid=")[1].split(",")[0])
 
 
 async def test_ctrl_c_on_the_originator_stops_every_device(make_model, tmp_path):
@@ -253,7 +247,7 @@ async def test_a_hung_device_is_found_by_its_silence_and_idle_links_stay_open(ma
             assert again.token_ids == first.token_ids
 
             victim = mesh.members[1]
-            pid = _pid_listening_on(victim.address)
+            pid = pid_listening_on(victim.address)
             params = SamplingParams(max_tokens=30, ignore_eos=True)
             expected = (await mesh.generate(PROMPT, params, chat=False)).token_ids
             result, pieces = Result(), 0

@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from helpers.checkpoints import VARIANTS
-from helpers.devices import LOOPBACK, join_all
+from helpers.devices import LOOPBACK, children, join_all, pid_listening_on
 from meshllm import Mesh
 from meshllm.generation.loop import Result
 from meshllm.generation.sampling import SamplingParams
@@ -39,12 +37,6 @@ async def reference(folder) -> Result:
         return await engine.generate(PROMPT, PARAMS, chat=False)
 
 
-def pid_on(address: str) -> int:
-    port = address.rsplit(":", 1)[1]
-    out = subprocess.run(["ss", "-Htlnp", f"sport = :{port}"], capture_output=True, text=True).stdout
-    return int(out.split("pid=")[1].split(",")[0])
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGSTOP, marks=pytest.mark.slow)],
                          ids=["killed", "hung"])
 @pytest.mark.parametrize("role", ["worker", pytest.param("hub", marks=pytest.mark.slow)])
@@ -55,7 +47,7 @@ async def test_a_request_resumes_after_losing_a_device(model, sig, role):
         async with MeshEngine(model, addresses, secret, timeouts=FAST) as mesh:
             hub = mesh.plan.hub
             victim = mesh.members[hub if role == "hub" else (hub + 1) % 3]
-            pid = pid_on(victim.address)
+            pid = pid_listening_on(victim.address)
             result, pieces, text = Result(), 0, []
             try:
                 async for piece in mesh.stream(PROMPT, PARAMS, chat=False, result=result):
@@ -86,9 +78,7 @@ async def test_the_cli_resumes_a_request_when_a_device_dies(model):
         chunk = await asyncio.wait_for(proc.stdout.read(16), 120)
         assert chunk, (await proc.stderr.read()).decode()
         got += chunk
-    children = [int(c) for task in Path(f"/proc/{proc.pid}/task").iterdir()
-                for c in (task / "children").read_text().split()]
-    os.kill(children[-1], signal.SIGKILL)
+    os.kill(children(proc.pid)[-1], signal.SIGKILL)
     rest, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()
     assert (got + rest).decode().rstrip("\n") == expected.text

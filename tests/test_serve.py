@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.devices import children
 from helpers.serve import Serve
 
 openai = pytest.importorskip("openai")
@@ -353,11 +354,11 @@ def test_not_ready_then_a_lost_device_is_503(model, tmp_path):
         while not "".join(texts):  # some text streamed: the request is under way
             chunk = next(it)
             texts.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
-        children = _children(s.proc.pid)
-        os.kill(children[0], signal.SIGKILL)
+        kids = children(s.proc.pid)
+        os.kill(kids[0], signal.SIGKILL)
         texts += [chunk.choices[0].delta.content or "" for chunk in it if chunk.choices]
         assert "".join(texts) == whole.choices[0].message.content  # resumed: neither repeated nor skipped
-        for child in children[1:]:
+        for child in kids[1:]:
             os.kill(child, signal.SIGKILL)
         with pytest.raises(openai.APIStatusError) as e:
             c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)
@@ -365,14 +366,6 @@ def test_not_ready_then_a_lost_device_is_503(model, tmp_path):
         assert "device" in str(e.value) or "mesh" in str(e.value)
     finally:
         s.stop()
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        out += [int(c) for c in text]
-    return out
 
 
 # -- the request parser, pure -------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import hmac
 import math
 from dataclasses import asdict, dataclass, field
 
-from ..wire.keys import prepare
+from ..wire.keys import mesh_key
 
 SERVICE_TYPE = "_meshllm._tcp.local."
 MAX_VALUE = 64  # bytes of one TXT value; a record is a few hundred bytes in all (one mDNS packet)
@@ -28,7 +28,7 @@ class RecordError(ValueError):
 def mesh_id(secret: bytes) -> str:
     """16 hex digits naming the mesh of `secret`: an HMAC under the scrypt-stretched mesh key, so that testing a
     guessed secret against an advertised id costs a scrypt, as against a handshake (blocking the first time)."""
-    return hmac.new(prepare(secret), b"meshllm mesh id v2", hashlib.sha256).digest()[:8].hex()
+    return hmac.new(mesh_key(secret), b"meshllm mesh id v2", hashlib.sha256).digest()[:8].hex()
 
 
 @dataclass(frozen=True)

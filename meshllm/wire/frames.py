@@ -95,7 +95,7 @@ class _Budget:
         self.containers = self.items = 0
         self.limits = limits
 
-    def _count(self, n: int, what: str) -> None:
+    def _count(self, n: int) -> None:
         self.containers += 1
         self.items += n
         if self.containers > self.limits.containers:
@@ -104,11 +104,11 @@ class _Budget:
             raise ProtocolError(f"frame holds more than {self.limits.items} array items and map entries")
 
     def array(self, items: list) -> list:
-        self._count(len(items), "array")
+        self._count(len(items))
         return items
 
     def map(self, pairs: list) -> dict:
-        self._count(len(pairs), "map")
+        self._count(len(pairs))
         return dict(pairs)
 
 

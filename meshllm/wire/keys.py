@@ -43,29 +43,28 @@ MIN_SECRET_CHARS = 16
 SECRET_ADVICE = "make a strong one with `python -m meshllm secret` and give it to every device"
 
 
-@functools.lru_cache(maxsize=8)
+_keys: dict[bytes, bytes] = {}  # secret -> its mesh key, for the few secrets a process uses
+
+
 def mesh_key(secret: bytes) -> bytes:
-    """32 bytes stretched from the mesh secret (scrypt; ~0.15 s: call it off the event loop the first time)."""
-    return hashlib.scrypt(secret, salt=_SCRYPT_SALT, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, maxmem=2**26, dklen=32)
-
-
-_cached: set[bytes] = set()  # secrets whose mesh_key is computed: calling it again does not block
-
-
-def prepare(secret: bytes) -> bytes:
-    """mesh_key(secret), remembered as cheap from now on (blocking: run in a thread from async code)."""
-    key = mesh_key(secret)
-    _cached.add(secret)
+    """32 bytes stretched from the mesh secret (scrypt, ~0.15 s the first time for a secret: off the event loop,
+    see prepare_async; remembered after)."""
+    key = _keys.get(secret)
+    if key is None:
+        key = hashlib.scrypt(secret, salt=_SCRYPT_SALT, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, maxmem=2**26, dklen=32)
+        if len(_keys) >= 8:
+            del _keys[next(iter(_keys))]
+        _keys[secret] = key
     return key
 
 
 async def prepare_async(secret: bytes) -> bytes:
     """mesh_key(secret) without blocking the event loop the first time."""
-    if secret in _cached:
-        return mesh_key(secret)
+    if secret in _keys:
+        return _keys[secret]
     import asyncio
 
-    return await asyncio.to_thread(prepare, secret)
+    return await asyncio.to_thread(mesh_key, secret)
 
 
 def secret_weakness(secret: bytes | str) -> str | None:

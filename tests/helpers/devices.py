@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,3 +58,15 @@ async def join(name: str, secret: str, tmp: Path, *, score: float | None = None,
 async def join_all(specs: list[tuple[str, str, float | None]], tmp: Path) -> list[Joined]:
     """Start several (name, secret, score) devices at once."""
     return list(await asyncio.gather(*(join(n, s, tmp, score=sc) for n, s, sc in specs)))
+
+
+def pid_listening_on(address: str) -> int:
+    """The pid of the process listening on HOST:PORT (ss)."""
+    port = address.rsplit(":", 1)[1]
+    out = subprocess.run(["ss", "-Htlnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return int(out.split("pid=")[1].split(",")[0])
+
+
+def children(pid: int) -> list[int]:
+    """The pids of a process's children (Linux /proc)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
