@@ -7,6 +7,7 @@ capability weights by largest remainder; ties go to the lower rank, so every dev
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -30,17 +31,47 @@ class DeviceSpec:
 
 @dataclass(frozen=True)
 class Plan:
-    """One shard per device (rank order) and the hub's rank."""
+    """One shard per device (rank order) and the hub's rank. A plan of several stages (a pipeline, or a hybrid of
+    tensor-parallel groups) lists the ranks of each stage in layer order and each stage's hub; a stage's shards
+    hold its range of layers. Tensor parallelism is the plan of one stage over every device."""
 
     shards: tuple[Shard, ...]
     devices: tuple[DeviceSpec, ...]
     hub: int
     sizes: Sizes
     shard_bytes: tuple[int, ...] = field(default=())
+    stages: tuple[tuple[int, ...], ...] = ()  # empty: one stage of every rank, `hub` its hub
+    hubs: tuple[int, ...] = ()
 
     @property
     def world(self) -> int:
         return len(self.shards)
+
+    @property
+    def groups(self) -> tuple[tuple[tuple[int, ...], int], ...]:
+        """(ranks, hub rank) of each stage, in layer order."""
+        if not self.stages:
+            return ((tuple(range(self.world)), self.hub),)
+        return tuple(zip(self.stages, self.hubs))
+
+    @property
+    def kind(self) -> str:
+        """'single', 'tp' (one stage of several), 'pipeline' (stages of one) or 'hybrid'."""
+        groups = self.groups
+        if len(groups) == 1:
+            return "single" if self.world == 1 else "tp"
+        return "pipeline" if all(len(g) == 1 for g, _ in groups) else "hybrid"
+
+    def describe(self) -> str:
+        """'tp over a, b' / 'pipeline a [0, 15) -> b [15, 30)' ..."""
+        if len(self.groups) == 1:
+            return f"{self.kind} on {', '.join(d.name for d in self.devices)}"
+        parts = []
+        for ranks, _ in self.groups:
+            s = self.shards[ranks[0]]
+            names = "+".join(self.devices[r].name for r in ranks)
+            parts.append(f"{names} [{s.layer_start}, {s.layer_stop})")
+        return f"{self.kind}: " + " -> ".join(parts)
 
     def share(self, rank: int, config: ModelConfig) -> float:
         """Fraction of the decoder weights rank holds (kv projections counted where replicated)."""
@@ -142,8 +173,8 @@ def block_bytes(config: ModelConfig, shard: Shard, dtype: "str | Sizes") -> tupl
 
 
 def layer_bytes(config: ModelConfig, shard: Shard, dtype: "str | Sizes") -> int:
-    """Bytes of one shard's weights over all layers (norms and biases included)."""
-    return config.num_layers * (sum(block_bytes(config, shard, dtype)) - 2 * FILE_SLACK)
+    """Bytes of one shard's weights over its layers (norms and biases included)."""
+    return len(shard.layers(config)) * (sum(block_bytes(config, shard, dtype)) - 2 * FILE_SLACK)
 
 
 def head_bytes(config: ModelConfig, dtype: "str | Sizes") -> int:
@@ -208,6 +239,47 @@ def make_plan(config: ModelConfig, devices: Sequence[DeviceSpec], dtype: "str | 
     if hub is None:
         hub = elect_hub(devices)
     return Plan(tuple(shards), tuple(devices), hub, z, sizes)
+
+
+def staged_plan(config: ModelConfig, devices: Sequence[DeviceSpec], dtype: "str | Sizes",
+                stages: Sequence[Sequence[int]], layers: Sequence[int] | None = None) -> Plan:
+    """A plan of consecutive stages, each a tensor-parallel group over `devices[i] for i in stage` holding
+    `layers[s]` whole layers (default: in proportion to the stage's summed weight). One stage of every device is
+    plain tensor parallelism; stages of one device, a pipeline."""
+    z = Sizes.of(dtype)
+    if not stages or any(not st for st in stages):
+        raise PlanError("a plan needs at least one stage, and every stage at least one device")
+    flat = [i for st in stages for i in st]
+    if len(set(flat)) != len(flat) or not all(0 <= i < len(devices) for i in flat):
+        raise PlanError(f"stages {stages} must name distinct devices among {len(devices)}")
+    if layers is None:
+        if len(stages) > config.num_layers:
+            raise PlanError(f"{len(stages)} stages but the model has only {config.num_layers} layers")
+        layers = _split(config.num_layers, [sum(devices[i].weight for i in st) for st in stages], 1, 1)
+    if len(layers) != len(stages) or sum(layers) != config.num_layers or min(layers) < 1:
+        raise PlanError(f"layers per stage {list(layers)} must be {len(stages)} positive counts summing to "
+                        f"{config.num_layers}")
+    shards, specs, groups, hubs, sizes, first = [], [], [], [], [], 0
+    for st, count in zip(stages, layers):
+        sub = make_plan(config, [devices[i] for i in st], z)
+        if len(stages) > 1:
+            sub_shards = [dataclasses.replace(sh, layer_start=first, layer_stop=first + count) for sh in sub.shards]
+        else:
+            sub_shards = list(sub.shards)
+        groups.append(tuple(range(len(shards), len(shards) + len(st))))
+        hubs.append(len(shards) + sub.hub)
+        shards += sub_shards
+        specs += [devices[i] for i in st]
+        sizes += [layer_bytes(config, sh, z) for sh in sub_shards]
+        first += count
+    for spec, sh in zip(specs, shards):  # a stage's devices hold fewer layers: the same per-block check
+        smallest = max(block_bytes(config, sh, z))
+        if spec.budget_bytes is not None and spec.budget_bytes < smallest:
+            raise PlanError(f"device {spec.name}'s memory budget of {human_bytes(spec.budget_bytes)} cannot hold "
+                            f"one block of its share ({human_bytes(smallest)})")
+    if len(stages) == 1:
+        return Plan(tuple(shards), tuple(specs), hubs[0], z, tuple(sizes))
+    return Plan(tuple(shards), tuple(specs), hubs[0], z, tuple(sizes), tuple(groups), tuple(hubs))
 
 
 # a device process before any weight: Python, torch and the runtime (an idle `meshllm join` measured 229 MiB of RSS)

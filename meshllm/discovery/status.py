@@ -29,7 +29,7 @@ async def tcp_rtt(address: str, timeout: float) -> float:
     return statistics.median(runs)
 
 
-async def link_rtt(address: str, secret: bytes, timeout: float) -> float:
+async def link_rtt(address: str, secret: bytes, timeout: float, node_id: str | None = None) -> float:
     """Median ping/pong round trip over an authenticated link, seconds."""
     host, port = parse_address(address)
     loop = asyncio.get_running_loop()
@@ -40,7 +40,7 @@ async def link_rtt(address: str, secret: bytes, timeout: float) -> float:
         if fut is not None and not fut.done():
             fut.set_result(time.perf_counter())
 
-    link = await connect(host, port, secret, f"status-{os.getpid()}", timeouts=Timeouts(connect=timeout,
+    link = await connect(host, port, secret, node_id or f"status-{os.getpid()}", timeouts=Timeouts(connect=timeout,
                          handshake=timeout), on_message=on_message)
     try:
         runs = []

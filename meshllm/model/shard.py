@@ -9,7 +9,8 @@ from .config import ModelConfig
 
 @dataclass(frozen=True)
 class Shard:
-    """Query heads [q_start, q_stop) and MLP columns [mlp_start, mlp_stop) of every layer.
+    """Query heads [q_start, q_stop) and MLP columns [mlp_start, mlp_stop) of the layers [layer_start, layer_stop)
+    (every layer when layer_stop is None: tensor parallelism; a pipeline stage holds a range of whole layers).
 
     A device computes the kv heads its query heads read, so kv projections are replicated, not split, when
     devices outnumber kv heads. Exactly one shard of a plan `owns_bias`: it adds the o_proj / down_proj bias,
@@ -21,11 +22,21 @@ class Shard:
     mlp_start: int
     mlp_stop: int
     owns_bias: bool = True
+    layer_start: int = 0
+    layer_stop: int | None = None
 
     @classmethod
     def full(cls, config: ModelConfig) -> "Shard":
         """The whole layer: the single-device case."""
         return cls(0, config.num_heads, 0, config.intermediate_size, True)
+
+    def layers(self, config: ModelConfig) -> range:
+        """The decoder layers this shard computes (its block i is layer layers[i // 2]'s attention or MLP)."""
+        return range(self.layer_start, config.num_layers if self.layer_stop is None else self.layer_stop)
+
+    @property
+    def partial_layers(self) -> bool:
+        return self.layer_start != 0 or self.layer_stop is not None
 
     @property
     def num_q(self) -> int:
@@ -50,3 +61,6 @@ class Shard:
             raise ValueError(
                 f"MLP columns [{self.mlp_start}, {self.mlp_stop}) outside 0..{config.intermediate_size}"
             )
+        stop = config.num_layers if self.layer_stop is None else self.layer_stop
+        if not 0 <= self.layer_start < stop <= config.num_layers:
+            raise ValueError(f"layers [{self.layer_start}, {stop}) outside 0..{config.num_layers} or empty")

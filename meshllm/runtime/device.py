@@ -54,6 +54,7 @@ class Limits:
     pending_per_address: int = 8
     sessions: int = 8
     sessions_per_link: int = 2
+MAX_PROBE_PEERS = 64  # devices one probe may time
 BLOCK_SLACK = 64 * 1024  # a streamed block's safetensors header and alignment padding, with room to spare
 BLOCK_RETRIES = 2  # a streamed block that arrives damaged is asked for again this many times, then the load fails
 
@@ -133,6 +134,7 @@ class Device:
         self.links: set[Link] = set()
         self.sessions: dict[str, Session] = {}
         self._refusals: dict[str, float] = {}  # address -> when its refusal was last logged
+        self._probing: set[Link] = set()  # links whose probe is running (one each)
         self._loads: dict[str, Link] = {}  # session id -> its originator, from the load's arrival to its session
         self._stores: dict[Path, list] = {}  # a shard's folder -> [its resident BlockStore, sessions using it]
         self._server: asyncio.Server | None = None
@@ -333,6 +335,15 @@ class Device:
             link.send({"t": "stats_reply", "session": session.id, "stats": self._stats(session)})
         elif kind == "ping":
             link.send({"t": "pong", "nonce": msg["nonce"]})
+        elif kind == "probe":
+            peers = msg["peers"]
+            if not isinstance(peers, list) or len(peers) > MAX_PROBE_PEERS or \
+                    not all(isinstance(p, str) and len(p) < 300 for p in peers):
+                raise ProtocolError(f"probe peers must be a list of at most {MAX_PROBE_PEERS} addresses")
+            if link in self._probing:
+                raise ProtocolError("a probe while the last one is still running")
+            self._probing.add(link)
+            self._spawn(self._probe(link, msg["nonce"], peers), "probe")
         elif kind == "pong":
             pass
         else:
@@ -377,7 +388,13 @@ class Device:
 
     async def _load_session(self, link: Link, msg: dict[str, Any], sid: str) -> None:
         try:
-            shard = Shard(*[int(v) for v in msg["shard"][:4]], owns_bias=bool(msg["shard"][4]))
+            fields = msg["shard"]
+            if not isinstance(fields, list) or len(fields) not in (5, 7):
+                raise ProtocolError(f"shard must be [q_start, q_stop, mlp_start, mlp_stop, owns_bias(, layer_start, "
+                                    f"layer_stop)], got {str(fields)[:80]}")
+            layers = [int(v) for v in fields[5:7]]
+            shard = Shard(*[int(v) for v in fields[:4]], owns_bias=bool(fields[4]),
+                          **({"layer_start": layers[0], "layer_stop": layers[1]} if layers else {}))
             rank, world, hub_rank = int(msg["rank"]), int(msg["world"]), int(msg["hub"])
             config = ModelConfig.from_dict(msg["config"])
             config.validate("the load message's config")
@@ -409,7 +426,7 @@ class Device:
             t0 = time.perf_counter()
             # int4 blocks are kept in this machine's kernel layout: a cache of another torch or CPU is not ours
             key = f"{dtype_name}-{fmt}".replace(":", "g") + (f"-{LAYOUT}" if fmt.quantized else "")
-            cache = SliceCache(self.cache_dir, model_hash, shard, key, 2 * config.num_layers)
+            cache = SliceCache(self.cache_dir, model_hash, shard, key, 2 * len(shard.layers(config)))
             # a streamed block holds what this device computes from the config and shard: its matrices at most as
             # wide as the compute dtype (a quantized format stores fewer bytes), norms in fp32, a header
             limit = max(block_bytes(config, shard, str(dtype).removeprefix("torch."))) + 8 * config.hidden_size \
@@ -418,7 +435,7 @@ class Device:
             fetched = bool(missing)
             if missing:
                 log.info("session %s: fetching %d of %d blocks from the originator", sid, len(missing),
-                         2 * config.num_layers)
+                         cache.num_blocks)
             for _ in range(BLOCK_RETRIES + 1):
                 if not missing:
                     break
@@ -519,6 +536,23 @@ class Device:
                 writer.abort()
             raise
 
+    async def _probe(self, link: Link, nonce, peers: list[str]) -> None:
+        """Round trips from here to each of `peers` over authenticated links (None where one does not answer)."""
+        from ..discovery.status import link_rtt
+
+        out: list[float | None] = []
+        try:
+            for address in peers:  # one at a time: concurrent pings would time each other's queueing
+                try:
+                    out.append(await link_rtt(address, self.secret, self.timeouts.connect, self.node_id))
+                except (MeshError, OSError, ValueError, TimeoutError) as e:
+                    log.info("probe: %s does not answer: %s", address, e)
+                    out.append(None)
+        finally:
+            self._probing.discard(link)
+        if link.is_open:
+            link.send({"t": "probe_reply", "nonce": nonce, "rtt_s": out})
+
     async def _connect_hub(self, session: Session, hub: str) -> None:
         try:
             host, port = parse_address(hub)
@@ -598,6 +632,8 @@ class Device:
             raise ProtocolError(f"begin keeps {msg['keep']} positions of a request of {msg['capacity']}")
         if msg["t"] == "step" and msg["start"] >= context:
             raise ProtocolError(f"step start {msg['start']} beyond the context of {context}")
+        if msg["t"] == "step" and type(msg.get("all", False)) is not bool:
+            raise ProtocolError("step field 'all' must be a boolean")
         if msg["t"] == "step":
             _, shape, _ = check_tensor(msg["x"], "hidden state")
             d = session.worker.config.hidden_size
@@ -616,7 +652,7 @@ class Device:
         session.stats.framing_s += time.perf_counter() - t
         add = None
         store = session.store
-        for layer in range(session.worker.config.num_layers):
+        for layer in range(len(session.worker.shard.layers(session.worker.config))):  # counted from its first
             for phase in (0, 1):
                 if req <= session.finished_req:  # aborted: stop at the next phase whatever the awaits did
                     raise asyncio.CancelledError(f"request {req} was aborted")
@@ -630,7 +666,9 @@ class Device:
                 add = await session.reduce((req, step, layer, phase), part)
         if session.is_hub:
             t = time.perf_counter()
-            last = x[:, -1:] + add[:, -1:]
+            # the hidden state of the last position (the LM head's input), or of every position for the next
+            # pipeline stage to go on from
+            last = x + add if msg.get("all") else x[:, -1:] + add[:, -1:]
             session.originator.send({"t": "result", "session": session.id, "req": req, "step": step,
                                      "x": to_record(last)})
             session.stats.framing_s += time.perf_counter() - t

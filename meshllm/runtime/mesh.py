@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import statistics
 import time
 import uuid
 from collections import deque
@@ -20,7 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..cluster.plan import DeviceSpec, Plan, human_bytes, make_plan
+from ..cluster.cost import KINDS, PHASE_S, READ_RATE, Candidate, DeviceCost, Network, choose
+from ..cluster.plan import DeviceSpec, Plan, human_bytes, make_plan, staged_plan
 from ..errors import DeviceLostError, MeshError, MeshTimeoutError, PlanError, ProtocolError, RemoteError
 from ..model.default import cache_dir
 from ..model.fingerprint import model_hash
@@ -32,6 +34,8 @@ from .tensors import from_record, to_record
 
 log = logging.getLogger("meshllm.mesh")
 
+PINGS = 3  # round trips timed per pair when planning (the median counts)
+UNREACHABLE_S = 10.0  # the round trip counted for a pair of devices that cannot reach each other
 CONTROL_QUEUE = 16  # control replies a device may have outstanding; more is a protocol violation
 CHUNK = 2**20  # bytes of a block file per `slice` frame (a device holds about two at a time while it writes)
 FORWARD_HISTORY = 1024  # step round trips kept for reports (an app lives for millions of steps)
@@ -59,8 +63,16 @@ class MeshEngine(Originator):
                  weights: Sequence[float] | None = None, threads: int | None = None,
                  timeouts: Timeouts = Timeouts(), max_frame: int = DEFAULT_MAX_FRAME,
                  node_id: str | None = None, memory_budget: int | None = None,
-                 skip_unreachable: bool = False, defer: bool = False, quantize: str | None = None) -> None:
+                 skip_unreachable: bool = False, defer: bool = False, quantize: str | None = None,
+                 plan: str | None = None,
+                 layout: tuple[Sequence[Sequence[int]], Sequence[int] | None] | None = None) -> None:
         super().__init__(model, dtype=dtype, threads=threads, quantize=quantize)
+        if plan is not None and plan not in ("auto", *KINDS):
+            raise MeshError(f"unknown plan {plan!r}: use auto, {', '.join(KINDS)}")
+        # auto: the planner's choice; a kind: the fastest plan of that kind; None: tensor parallelism over every
+        # device given, unmeasured (as named, with --weights)
+        self.plan_kind = plan
+        self.layout = layout  # (stages of device indices, layers per stage or None): exactly this plan
         if not devices and not defer:
             raise MeshError("no devices given: pass --devices HOST:PORT,... or --local-devices N")
         self.addresses = list(devices)
@@ -79,6 +91,10 @@ class MeshEngine(Originator):
         self.session = uuid.uuid4().hex[:12]
         self.members: list[Member] = []
         self.plan: Plan | None = None
+        self.chosen: Candidate | None = None  # the planner's pick, with its prediction
+        self.candidates: list[Candidate] = []  # everything it considered, fastest first
+        self.network: Network | None = None  # the round trips it planned with
+        self.idle: list[str] = []  # devices that answered but the plan does not use
         self.req = 0
         self.step = 0
         self._pending: dict[tuple[str, Any], asyncio.Future] = {}
@@ -108,18 +124,11 @@ class MeshEngine(Originator):
             raise PlanError(f"the originator's embedding and LM head take {human_bytes(self.head.nbytes())}, over "
                             f"its budget of {human_bytes(self.budget)}; the smallest budget that works here is "
                             f"{human_bytes(self.head.nbytes())}")
-        specs = []
-        for i, m in enumerate(self.members):
-            info = m.link.conn.peer_info
-            budget = info.get("budget")
-            specs.append(DeviceSpec(m.link.conn.peer_id or m.address,
-                                    self.weights[i] if self.weights else float(info.get("capability", 1.0)),
-                                    int(budget) if isinstance(budget, int) else None))
+        await self._choose_plan()
         dtype_name = str(self.dtype).replace("torch.", "")
-        self.plan = make_plan(self.config, specs, self.sizes)
-        hub = self.members[self.plan.hub]
-        log.info("mesh of %d: hub %s; shards %s", len(self.members), hub.name,
+        log.info("mesh of %d: %s; shards %s", len(self.members), self.plan.describe(),
                  ", ".join(f"{m.link.conn.peer_id}: heads {s.q_start}-{s.q_stop} mlp {s.mlp_start}-{s.mlp_stop}"
+                           + (f" layers {s.layer_start}-{s.layer_stop}" if s.partial_layers else "")
                            for m, s in zip(self.members, self.plan.shards)))
         for rank, m in enumerate(self.members):
             m.rank = rank
@@ -130,19 +139,103 @@ class MeshEngine(Originator):
                 self._stream_src.close()
                 self._stream_src = None
         self._active = False  # a request is between begin and end
-        await gather_or_cancel(*(self._request(m, "connected", {"t": "connect_hub", "session": self.session,
-                                                               "hub": hub.address},
-                                             self.timeouts.connect + self.timeouts.handshake, "joining the hub")
-                               for m in self.members if m.rank != self.plan.hub))
+        joins = []
+        for ranks, hub in self.plan.groups:  # each stage's workers join its hub
+            joins += [self._request(self.members[r], "connected", {"t": "connect_hub", "session": self.session,
+                                                                   "hub": self.members[hub].address},
+                                    self.timeouts.connect + self.timeouts.handshake, "joining the hub")
+                      for r in ranks if r != hub]
+        await gather_or_cancel(*joins)
+
+    def _specs(self) -> list[DeviceSpec]:
+        specs = []
+        for i, m in enumerate(self.members):
+            info = m.link.conn.peer_info
+            budget = info.get("budget")
+            specs.append(DeviceSpec(m.link.conn.peer_id or m.address,
+                                    self.weights[i] if self.weights else float(info.get("capability", 1.0)),
+                                    int(budget) if isinstance(budget, int) else None))
+        return specs
+
+    async def _choose_plan(self) -> None:
+        """The plan: tensor parallelism over every device with given split weights; else the planner's pick among
+        the plans of `plan_kind` (every kind for auto), from the devices' advertised numbers and round trips
+        measured now. The members become the plan's devices in rank order; the others are let go."""
+        specs = self._specs()
+        self.chosen, self.candidates, self.network = None, [], None
+        if self.layout is not None:
+            stages, layers = self.layout
+            self.plan = staged_plan(self.config, specs, self.sizes, stages, layers)
+            self._keep_members([i for stage in stages for i in stage])
+            return
+        if self.weights is not None or self.plan_kind is None:
+            self.plan = make_plan(self.config, specs, self.sizes)
+            return
+        self.network = await self._measure_network()
+        costs = [device_cost(s, m.link.conn.peer_info) for s, m in zip(specs, self.members)]
+        self.chosen, self.candidates = choose(self.config, self.sizes, costs, self.network, kind=self.plan_kind)
+        self.plan = self.chosen.plan
+        self._keep_members([i for stage in self.chosen.stages for i in stage])
+        p = self.chosen.prediction
+        log.info("plan %s: predicted %.1f ms/token (compute %.1f, allreduce rounds %.1f, hops %.1f, disk %.1f); "
+                 "%d candidates, next best %s", self.plan.describe(), p.token_s * 1e3, p.compute_s * 1e3,
+                 p.rounds_s * 1e3, p.hops_s * 1e3, p.disk_s * 1e3, len(self.candidates),
+                 next((f"{c.label} at {c.prediction.token_s * 1e3:.1f}" for c in self.candidates[1:] if c.plan),
+                      "none"))
+
+    def _keep_members(self, used: list[int]) -> None:
+        """The plan's devices become the members, in its rank order; the others are let go."""
+        members, self.members = self.members, [self.members[i] for i in used]
+        self.idle = [m.address for i, m in enumerate(members) if i not in used]
+        for i, m in enumerate(members):
+            if i not in used:
+                m.link.close()  # not a member any more: its close is no loss
+
+    async def _measure_network(self) -> Network:
+        """Round trips: originator to each device (pings over its link) and between devices (each device pings
+        the others over links of its own), medians of a few, in seconds. A pair that does not answer counts as
+        very far (the planner then never puts the two in one group)."""
+        n = len(self.members)
+
+        async def origin(m: Member) -> float:
+            runs = []
+            for nonce in range(PINGS):
+                t0 = time.perf_counter()
+                await self._request(m, "pong", {"t": "ping", "nonce": nonce}, self.timeouts.connect, "answering a ping")
+                runs.append(time.perf_counter() - t0)
+            return statistics.median(runs)
+
+        async def pairs(i: int) -> list[float]:
+            if n == 1 or self.plan_kind in ("single", "pipeline"):
+                return [0.0] * n  # no group of two: pairs never enter the prediction
+            peers = [m.address for j, m in enumerate(self.members) if j != i]
+            reply = await self._request(self.members[i], "probe_reply", {"t": "probe", "nonce": i, "peers": peers},
+                                        self.timeouts.connect * (len(peers) + 1) + self.timeouts.handshake,
+                                        "timing its links to the other devices")
+            times = reply["rtt_s"]
+            if not isinstance(times, list) or len(times) != len(peers):
+                raise ProtocolError(f"device {self.members[i].name} answered a probe of {len(peers)} devices with "
+                                    f"{str(times)[:80]}")
+            rest = iter(float(t) if isinstance(t, (int, float)) and t >= 0 else UNREACHABLE_S for t in times)
+            return [0.0 if j == i else next(rest) for j in range(n)]
+
+        # one device at a time: timings taken side by side would include each other's queueing
+        to_origin = [await origin(m) for m in self.members]
+        rows = [await pairs(i) for i in range(n)]
+        sym = tuple(tuple(max(rows[i][j], rows[j][i]) for j in range(n)) for i in range(n))
+        return Network(tuple(to_origin), sym)
 
     async def _load_member(self, m: Member, dtype_name: str) -> None:
         """Send the load; stream any blocks the device lacks; wait until it holds its shard."""
         shard = self.plan.shards[m.rank]
+        ranks, hub = next(g for g in self.plan.groups if m.rank in g[0])  # its stage: ranks count from 0 there
+        fields = [shard.q_start, shard.q_stop, shard.mlp_start, shard.mlp_stop, shard.owns_bias]
+        if shard.partial_layers:
+            fields += [shard.layer_start, len(shard.layers(self.config)) + shard.layer_start]
         m.link.send({
             "t": "load", "session": self.session, "model_hash": self.model_hash, "config": self.config.to_dict(),
-            "dtype": dtype_name, "format": str(self.format), "rank": m.rank, "world": len(self.members),
-            "hub": self.plan.hub,
-            "shard": [shard.q_start, shard.q_stop, shard.mlp_start, shard.mlp_stop, shard.owns_bias],
+            "dtype": dtype_name, "format": str(self.format), "rank": ranks.index(m.rank), "world": len(ranks),
+            "hub": ranks.index(hub), "shard": fields,
         })
         while True:
             reply = await self._reply(m, ("need", "loaded"), self.timeouts.load, "loading its shard")
@@ -163,7 +256,7 @@ class MeshEngine(Originator):
             """A block file's bytes and their SHA-256, made in the I/O thread (hashing MBs would stall the loop)."""
             if self._stream_src is None:  # opened once (GGUF parsing is slow), closed when the mesh is up
                 self._stream_src = open_model(self._model_ref)
-            src, layer = self._stream_src, index // 2
+            src, layer = self._stream_src, shard.layer_start + index // 2
             # the portable form (int4 as plain nibbles): the device turns it into its own kernels' layout
             cut = attn_tensors if index % 2 == 0 else mlp_tensors
             data = serialize_block(cut(src, layer, shard, self.dtype, self.format))
@@ -243,6 +336,9 @@ class MeshEngine(Originator):
 
     def _on_message(self, link: Link, msg: dict[str, Any]) -> None:
         kind = msg["t"]
+        if kind in ("pong", "probe_reply"):  # answers to the planner's timings: no session yet
+            self._to_inbox(link, msg)
+            return
         if msg.get("session") != self.session:
             raise ProtocolError(f"{kind!r} for session {msg.get('session')!r}, expected {self.session}")
         if kind == "result":
@@ -259,13 +355,7 @@ class MeshEngine(Originator):
                 self._fail(RemoteError(f"device {link.peer} stopped request {msg['req']}: {msg['reason']}"))
             return
         elif kind in ("loaded", "connected", "stats_reply", "need", "stored"):
-            member = next((m for m in self.members if m.link is link), None)
-            if member is None:
-                raise ProtocolError(f"{kind!r} from a link that is not a member")
-            try:
-                member.inbox.put_nowait(msg)
-            except asyncio.QueueFull:
-                raise ProtocolError(f"{link.peer} sent more than {CONTROL_QUEUE} unsolicited replies") from None
+            self._to_inbox(link, msg)
             return
         else:
             raise ProtocolError(f"an originator does not accept {kind!r} messages")
@@ -273,6 +363,15 @@ class MeshEngine(Originator):
         if fut is None or fut.done():
             raise ProtocolError(f"unexpected {kind!r} for {key[1]} from {link.peer} (request {self.req} is running)")
         fut.set_result(msg)
+
+    def _to_inbox(self, link: Link, msg: dict[str, Any]) -> None:
+        member = next((m for m in self.members if m.link is link), None)
+        if member is None:
+            raise ProtocolError(f"{msg['t']!r} from a link that is not a member")
+        try:
+            member.inbox.put_nowait(msg)
+        except asyncio.QueueFull:
+            raise ProtocolError(f"{link.peer} sent more than {CONTROL_QUEUE} unsolicited replies") from None
 
     def _on_close(self, link: Link, error: BaseException | None) -> None:
         if not self.members:
@@ -360,14 +459,28 @@ class MeshEngine(Originator):
         return out
 
     async def _one_step(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        groups = self.plan.groups
+        for i, (ranks, _) in enumerate(groups):
+            # stage by stage: each returns the hidden state of every position for the next (the last, of the last
+            # position for the LM head)
+            x = await self._stage_step(x, start, [self.members[r].link for r in ranks], i < len(groups) - 1)
+        self.forward_s.append(time.perf_counter() - t0)
+        return x
+
+    async def _stage_step(self, x: torch.Tensor, start: int, links: list[Link], every: bool) -> torch.Tensor:
         self.step += 1
         key = ("result", (self.req, self.step))
         fut = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
-        t0 = time.perf_counter()
+        msg = {"t": "step", "session": self.session, "req": self.req, "step": self.step, "start": start,
+               "x": to_record(x)}
+        if every:
+            msg["all"] = True
         try:
-            self._broadcast({"t": "step", "session": self.session, "req": self.req, "step": self.step,
-                             "start": start, "x": to_record(x)})
+            if self._failure is not None:
+                raise self._failure
+            broadcast(links, msg)  # a step's hidden state is encoded once, not per device
             try:
                 async with asyncio.timeout(self.timeouts.step):  # not wait_for: it can drop a cancellation
                     msg = await fut
@@ -376,8 +489,11 @@ class MeshEngine(Originator):
                                        f"{self.timeouts.step} s") from e
         finally:
             self._pending.pop(key, None)
-        self.forward_s.append(time.perf_counter() - t0)
-        return from_record(msg["x"], "result")
+        out = from_record(msg["x"], "result")
+        if out.shape[0] != 1 or out.shape[2] != x.shape[2] or out.shape[1] != (x.shape[1] if every else 1):
+            raise ProtocolError(f"a stage returned a hidden state of shape {list(out.shape)} for one of "
+                                f"{list(x.shape)}")
+        return out
 
     # -- reports -----------------------------------------------------------------------------------------------
 
@@ -406,8 +522,22 @@ class MeshEngine(Originator):
                 "memory_budget_bytes": s["budget_bytes"], "weight_format": s.get("weight_format"),
                 "share": round(self.plan.share(m.rank, self.config), 4),
                 "q_heads": [shard.q_start, shard.q_stop], "mlp_columns": [shard.mlp_start, shard.mlp_stop],
+                "layers": [shard.layer_start, shard.layer_start + len(shard.layers(self.config))],
+                "stage": next(i for i, (ranks, _) in enumerate(self.plan.groups) if m.rank in ranks),
             })
         return out
+
+
+def device_cost(spec: DeviceSpec, info: dict) -> DeviceCost:
+    """The cost model's view of a device from what it advertised in its hello (each number checked: a peer may
+    err): its score is its decode GEMV bandwidth in GB/s."""
+    def positive(key: str, default):
+        v = info.get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e15 else default
+
+    return DeviceCost(spec.name, positive("capability", 1.0) * 1e9, spec.budget_bytes,
+                      phase_s=positive("phase_s", PHASE_S), read_rate=positive("read_rate", READ_RATE),
+                      flops=positive("flops", None))
 
 
 async def gather_or_cancel(*aws) -> list:

@@ -37,7 +37,7 @@ class ShardWorker:
         c = src.config
         shard.check(c)
         attn, mlp = [], []
-        for i in range(c.num_layers):
+        for i in shard.layers(c):
             attn.append(load_attn_block(src, i, shard, dtype, fmt))
             mlp.append(load_mlp_block(src, i, shard, dtype, fmt))
             src.forget()  # the file's pages of this layer: copied, so not held twice
@@ -56,7 +56,7 @@ class ShardWorker:
             self.capacity = max(capacity, self.capacity)
         else:
             self.caches = [LayerKV(kv1 - kv0, self.config.head_dim, capacity, self.act_dtype)
-                           for _ in range(self.config.num_layers)]
+                           for _ in self.shard.layers(self.config)]
             self.capacity = capacity
         self._cos_sin = None
 
@@ -72,7 +72,8 @@ class ShardWorker:
         return self._cos_sin[2]
 
     def attn(self, layer: int, x: torch.Tensor, start: int, blk: AttnBlock | None = None) -> torch.Tensor:
-        """This shard's attention partial for `layer` (its resident block, or `blk`), updating its KV cache."""
+        """This shard's attention partial for its `layer`-th layer (its resident block, or `blk`), updating its
+        KV cache."""
         cos, sin = self._rope(start, x.shape[1])
         return attn_partial(blk or self.attn_blocks[layer], x, cos, sin, self.caches[layer], start)
 

@@ -49,7 +49,8 @@ def block_name(index: int) -> str:
 
 def shard_folder(root: Path, model_hash: str, shard: Shard, dtype: str) -> Path:
     return (Path(root) / "slices" / model_hash[:24] /
-            f"{dtype}-q{shard.q_start}_{shard.q_stop}-m{shard.mlp_start}_{shard.mlp_stop}-b{int(shard.owns_bias)}")
+            (f"{dtype}-q{shard.q_start}_{shard.q_stop}-m{shard.mlp_start}_{shard.mlp_stop}-b{int(shard.owns_bias)}"
+             + (f"-l{shard.layer_start}_{shard.layer_stop}" if shard.partial_layers else "")))
 
 
 ALIGN = 64  # every tensor of a block file starts at a multiple of this (the quantized kernels need it)

@@ -44,6 +44,8 @@ MESSAGE_TYPES: dict[str, tuple[str, ...]] = {
     "stats_reply": ("session", "stats"),
     "ping": ("nonce",),
     "pong": ("nonce",),
+    "probe": ("nonce", "peers"),  # originator -> device: time round trips to these devices (for the planner)
+    "probe_reply": ("nonce", "rtt_s"),
     "beat": (),  # link liveness: sent by a side with nothing else to send (consumed by the link)
     # data path
     "step": ("session", "req", "step", "start", "x"),

@@ -1,0 +1,223 @@
+"""The cost model and the planner: which plan decodes fastest here. Pure functions of measurements.
+
+A token's time on a plan of stages (tensor parallelism is one stage of several devices, a pipeline several stages
+of one, a hybrid several stages of several; a single device is one stage of one):
+
+    origin_s + sum over stages of [ hop + max(compute + 2 L_s rounds, disk) ]
+
+- hop: the originator sends the hidden state to the stage's devices and its hub sends the result back (the
+  originator relays between stages): half the slowest member's round trip to the originator plus half the hub's,
+  plus the software time of a step message in and a result out (HOP_S).
+- compute: L_s layers, each the slowest member's (weight bytes of its share of the layer / its decode bandwidth +
+  2 x its fixed time per phase: the per-op dispatch that a small layer's matmuls do not hide).
+- rounds (stages of more than one device): two star allreduces per layer, each the hub's round trip to its
+  farthest worker plus the software time of a round (ROUND_S).
+- disk: a device whose budget is below its share streams the rest of it from storage every token, at its read
+  rate, overlapped with compute (the window prefetches).
+
+The planner enumerates single devices, tensor parallelism over the k strongest, pipelines over them and hybrids
+(the k strongest partitioned into groups), drops those a budget rules out (not even one block fits), and picks the
+lowest prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+from ..errors import PlanError
+from ..model.config import ModelConfig
+from .plan import DeviceSpec, Plan, Sizes, block_bytes, staged_plan
+
+# software time of one star allreduce round beyond the wire: scripts/bench_mesh.py, N=2 on loopback, 2-8 KB
+# (star p50 minus the TCP ping-pong: 240-305 us on this 2-core machine, where both members share the cores)
+ROUND_S = 250e-6
+# a step message in and its result out at one stage (framing, sealing, the executor hops): measured as the
+# difference between a one-device mesh and the same device computing alone (SmolLM2, loopback)
+HOP_S = 600e-6
+# a phase's fixed cost (tens of small ops, each a Python dispatch) when a device did not measure its own
+PHASE_S = 200e-6
+READ_RATE = 400e6  # bytes/s of storage for streamed blocks when a device did not measure its own
+KINDS = ("single", "tp", "pipeline", "hybrid")
+MAX_PARTITION_DEVICES = 8  # hybrids are enumerated over every partition of at most this many devices
+
+
+@dataclass(frozen=True)
+class DeviceCost:
+    """What the model needs of a device: its decode bandwidth (bytes/s of weights a GEMV streams), fixed time per
+    phase, budget and storage read rate."""
+
+    name: str
+    bandwidth: float
+    budget: int | None = None
+    phase_s: float = PHASE_S
+    read_rate: float = READ_RATE
+    flops: float | None = None  # matmul FLOP/s, for the prefill's prediction
+
+
+@dataclass(frozen=True)
+class Network:
+    """Measured round trips in seconds: originator <-> device i, and device i <-> device j."""
+
+    origin: tuple[float, ...]
+    pairs: tuple[tuple[float, ...], ...]
+
+    @classmethod
+    def uniform(cls, n: int, rtt: float) -> "Network":
+        return cls((rtt,) * n, tuple(tuple(0.0 if i == j else rtt for j in range(n)) for i in range(n)))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Decode seconds per token and what makes them up; TTFT for `prompt` tokens when every device has flops."""
+
+    token_s: float
+    compute_s: float
+    rounds_s: float
+    hops_s: float
+    disk_s: float
+    ttft_s: float | None = None
+
+    def as_dict(self) -> dict:
+        return {k: (round(v * 1e3, 3) if v is not None else None) for k, v in
+                (("token_ms", self.token_s), ("compute_ms", self.compute_s), ("rounds_ms", self.rounds_s),
+                 ("hops_ms", self.hops_s), ("disk_ms", self.disk_s), ("ttft_ms", self.ttft_s))}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A plan over devices given by index into the planner's list, with its prediction (or why it was dropped)."""
+
+    kind: str
+    stages: tuple[tuple[int, ...], ...]
+    plan: Plan | None
+    prediction: Prediction | None
+    refused: str | None = None
+    names: tuple[str, ...] = field(default=())
+
+    @property
+    def label(self) -> str:
+        if self.plan is not None:
+            return self.plan.describe()
+        return f"{self.kind}: " + " -> ".join("+".join(self.names[i] for i in st) for st in self.stages)
+
+
+def predict(config: ModelConfig, plan: Plan, costs: Sequence[DeviceCost], net: Network,
+            index: Sequence[int], *, origin_s: float = 0.0, prompt: int = 0) -> Prediction:
+    """Predicted decode time per token of `plan`, whose rank r runs on device `index[r]` of `costs`/`net`."""
+    z = plan.sizes
+    compute = rounds = hops = disk = 0.0
+    prefill = 0.0 if prompt and all(costs[i].flops for i in index) else None
+    for ranks, hub in plan.groups:
+        layers = len(plan.shards[ranks[0]].layers(config))
+        per_layer, stage_disk, per_layer_prefill = 0.0, 0.0, 0.0
+        for r in ranks:
+            c = costs[index[r]]
+            a, m = block_bytes(config, plan.shards[r], z)
+            per_layer = max(per_layer, (a + m) / c.bandwidth + 2 * c.phase_s)
+            held = plan.shard_bytes[r] if plan.shard_bytes else layers * (a + m)
+            if c.budget is not None and c.budget < held:
+                stage_disk = max(stage_disk, (held - c.budget) / c.read_rate)
+            if prefill is not None:  # 2 FLOPs a weight a token
+                per_layer_prefill = max(per_layer_prefill, 2 * layer_weights(config, plan.shards[r]) * prompt
+                                        / c.flops + 2 * c.phase_s)
+        wire = 0.0
+        if len(ranks) > 1:
+            far = max(net.pairs[index[hub]][index[r]] for r in ranks if r != hub)
+            wire = 2 * layers * (far + ROUND_S)
+        hop = (max(net.origin[index[r]] for r in ranks) + net.origin[index[hub]]) / 2 + HOP_S
+        stage = max(layers * per_layer + wire, stage_disk)
+        compute += layers * per_layer
+        rounds += wire
+        hops += hop
+        disk += max(0.0, stage - layers * per_layer - wire)
+        if prefill is not None:
+            prefill += layers * per_layer_prefill + wire + hop
+    token = origin_s + compute + rounds + hops + disk
+    return Prediction(token, compute, rounds, hops, disk, None if prefill is None else prefill + origin_s)
+
+
+def layer_weights(config: ModelConfig, shard) -> int:
+    """Weights of one layer of a shard (its q/k/v/o rows and columns, its MLP columns)."""
+    d, hd = config.hidden_size, config.head_dim
+    kv0, kv1 = shard.kv_range(config)
+    return (2 * shard.num_q + 2 * (kv1 - kv0)) * hd * d + 3 * shard.num_mlp * d
+
+
+def _partitions(items: Sequence[int]) -> Iterator[list[list[int]]]:
+    """Every partition of `items` into non-empty groups (groups keep the items' order)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _partitions(rest):
+        yield [[first]] + part
+        for i in range(len(part)):
+            yield part[:i] + [[first] + part[i]] + part[i + 1:]
+
+
+def candidates(config: ModelConfig, sizes: "str | Sizes", costs: Sequence[DeviceCost], net: Network, *,
+               kinds: Sequence[str] = KINDS, origin_s: float = 0.0) -> list[Candidate]:
+    """Every candidate plan with its prediction, fastest first; the ones a budget or the model's shape rules out
+    come last with the reason."""
+    z = Sizes.of(sizes)
+    n = len(costs)
+    names = tuple(c.name for c in costs)
+    order = sorted(range(n), key=lambda i: (-costs[i].bandwidth, names[i], i))  # strongest first
+    specs = [DeviceSpec(c.name, c.bandwidth / 1e9, c.budget) for c in costs]
+    seen: set = set()
+    out: list[Candidate] = []
+
+    def add(kind: str, stages: list[list[int]]) -> None:
+        key = (kind, tuple(tuple(st) for st in stages))
+        if key in seen:
+            return
+        seen.add(key)
+        try:
+            plan = staged_plan(config, specs, z, stages)
+        except PlanError as e:
+            out.append(Candidate(kind, key[1], None, None, str(e), names))
+            return
+        index = [i for st in stages for i in st]
+        out.append(Candidate(kind, key[1], plan, predict(config, plan, costs, net, index, origin_s=origin_s),
+                             None, names))
+
+    if "single" in kinds:
+        for i in order:
+            add("single", [[i]])
+    for k in range(2, n + 1):
+        top = order[:k]
+        if "tp" in kinds:
+            add("tp", [top])
+        if "pipeline" in kinds and k <= config.num_layers:
+            add("pipeline", [[i] for i in top])
+        if "hybrid" in kinds and k >= 3 and k <= MAX_PARTITION_DEVICES:
+            for part in _partitions(top):
+                if 1 < len(part) < k and len(part) <= config.num_layers:
+                    # groups in order of strength (each group's strongest first), so equal layouts compare equal
+                    add("hybrid", sorted(part, key=lambda g: order.index(g[0])))
+    out.sort(key=lambda c: (c.prediction is None, c.prediction.token_s if c.prediction else math.inf,
+                            KINDS.index(c.kind), c.stages))
+    return out
+
+
+def choose(config: ModelConfig, sizes: "str | Sizes", costs: Sequence[DeviceCost], net: Network, *,
+           kind: str = "auto", origin_s: float = 0.0) -> tuple[Candidate, list[Candidate]]:
+    """The fastest candidate (of `kind`, or of any kind for 'auto') and every candidate considered. Raises
+    PlanError naming what would work when no candidate of that kind fits."""
+    if kind != "auto" and kind not in KINDS:
+        raise PlanError(f"unknown plan kind {kind!r}: use auto, {', '.join(KINDS)}")
+    n = len(costs)
+    if n == 0:
+        raise PlanError("no devices to plan over")
+    need = {"tp": 2, "pipeline": 2, "hybrid": 3}.get(kind, 1)
+    if n < need:
+        raise PlanError(f"a {kind} plan needs at least {need} devices, and {n} answered: add devices or use "
+                        f"--plan auto")
+    cands = candidates(config, sizes, costs, net, kinds=KINDS if kind == "auto" else (kind,), origin_s=origin_s)
+    ok = [c for c in cands if c.plan is not None]
+    if not ok:
+        raise PlanError(f"no {'' if kind == 'auto' else kind + ' '}plan fits these devices: " + "; ".join(
+            f"{c.label}: {c.refused}" for c in cands[:4]))
+    return ok[0], cands
