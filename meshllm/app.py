@@ -50,7 +50,8 @@ class Mesh:
     def __init__(self, model: str | os.PathLike | None = None, *, secret: str | bytes | None = None,
                  min_devices: int = 1, timeout: float = 5.0, interface: str | None = None,
                  dtype: str | None = None, threads: int | None = None, memory_budget: int | None = None,
-                 timeouts: Timeouts = Timeouts(), quantize: str | None = None, prefix_cache: bool = True) -> None:
+                 timeouts: Timeouts = Timeouts(), quantize: str | None = None, prefix_cache: bool = True,
+                 plan: str | None = None) -> None:
         if min_devices < 0:
             raise MeshError(f"min_devices must be 0 or more, got {min_devices}")
         if timeout <= 0:
@@ -64,6 +65,9 @@ class Mesh:
         self.dtype, self.threads, self.memory_budget, self.timeouts = dtype, threads, memory_budget, timeouts
         self.quantize = quantize or os.environ.get("MESHLLM_QUANTIZE") or None
         self.prefix_cache = prefix_cache
+        self.plan_kind = plan or os.environ.get("MESHLLM_PLAN") or "auto"
+        if self.plan_kind not in ("auto", "single", "tp", "pipeline", "hybrid"):
+            raise MeshError(f"plan must be auto, single, tp, pipeline or hybrid, got {self.plan_kind!r}")
         self.mesh_id: str | None = None
         self.ready_s = 0.0  # entering the context: discovery + plan + load
         self._browser = None
@@ -104,7 +108,7 @@ class Mesh:
                 # the head and tokenizer load while the devices are being found
                 engine = MeshEngine(self.model, [], self._secret, dtype=self.dtype, threads=self.threads,
                                     timeouts=self.timeouts, memory_budget=self.memory_budget, quantize=self.quantize,
-                                    skip_unreachable=True, defer=True)
+                                    skip_unreachable=True, defer=True, plan=self.plan_kind)
                 loading = asyncio.ensure_future(engine.__aenter__())
                 try:
                     found = await self._discover()
@@ -194,19 +198,21 @@ class Mesh:
             await self._engine.replan(addresses)
         else:
             engine = MeshEngine(self.model, addresses, self._secret, dtype=self.dtype, threads=self.threads,
-                                timeouts=self.timeouts, memory_budget=self.memory_budget, quantize=self.quantize, skip_unreachable=True)
+                                timeouts=self.timeouts, memory_budget=self.memory_budget, quantize=self.quantize,
+                                skip_unreachable=True, plan=self.plan_kind)
             await engine.__aenter__()
             await self._drop_engine()
             self._engine = engine
         now = time.monotonic()
-        by_address = {m.address: m for m in self._engine.members}
+        # who answered at each address: the plan's devices, and those it leaves idle
+        by_address = {m.address: m.link.conn.peer_id for m in self._engine.members} | self._engine.idle
         bad = []
         for r in records:
             if r.address in self._engine.unreachable:
                 bad.append(r)
-            elif r.address in by_address and by_address[r.address].link.conn.peer_id != r.node_id:
+            elif r.address in by_address and by_address[r.address] != r.node_id:
                 log.warning("%s answered as %r, not as the %r it advertised: not used", r.address,
-                            by_address[r.address].link.conn.peer_id, r.node_id)
+                            by_address[r.address], r.node_id)
                 bad.append(r)
         for r in bad:
             self._unreachable[r.address] = (r, now)
@@ -308,7 +314,7 @@ class Mesh:
 
         if not isinstance(self._engine, MeshEngine) or not self._engine.members:
             return
-        members = {m.address for m in self._engine.members}
+        members = {m.address for m in self._engine.members} | set(self._engine.idle)
         gone = [r for r in self._records if r.address not in members]
         now = time.monotonic()
         for r in gone:
@@ -340,12 +346,19 @@ class Mesh:
     def devices(self) -> list[dict]:
         """The devices of the current plan: node id, address, score, cores, memory, role, share."""
         plan = self.plan
+        ranks = {m.address: m.rank for m in getattr(self._engine, "members", [])}
+        hubs = {hub for _, hub in plan.groups} if plan is not None else set()
         out = []
-        for rank, r in enumerate(self._records):
+        for r in self._records:
             d = r.to_dict()
-            if plan is not None and rank < plan.world:
-                d["role"] = "hub" if rank == plan.hub else "worker"
+            rank = ranks.get(r.address)
+            if plan is not None and rank is not None and rank < plan.world:
+                d["role"] = "hub" if rank in hubs else "worker"
                 d["share"] = round(plan.share(rank, self._engine.config), 4)
+                layers = plan.shards[rank].layers(self._engine.config)
+                d["layers"] = [layers.start, layers.stop]
+            elif plan is not None:
+                d["role"] = "idle"  # answered, but the fastest plan does without it
             out.append(d)
         return out
 

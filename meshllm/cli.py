@@ -117,8 +117,14 @@ def _engine_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--discover-timeout", type=float, default=5.0, metavar="S",
                    help="when discovering: seconds to wait for devices (default 5)")
     g.add_argument("--interface", metavar="IP", help="when discovering: browse on this address only")
-    g.add_argument("--split", metavar="W,W,...", help="capability weights per device for an uneven split "
-                                                     "(default: what each device advertises)")
+    g.add_argument("--plan", choices=["auto", "single", "tp", "pipeline", "hybrid"], default="auto",
+                   help="how the model is laid over the devices: the fastest plan the cost model predicts from the "
+                        "devices' measured bandwidth and round trips (auto, the default), or the fastest of one "
+                        "kind: one device, tensor parallel, a pipeline of layer ranges, or a pipeline of "
+                        "tensor-parallel groups")
+    g.add_argument("--split", metavar="W,W,...", help="capability weights per device for an uneven tensor-parallel "
+                                                     "split over every device (default: what each device "
+                                                     "advertises)")
     g.add_argument("--pin", action="store_true", help="with --local-devices: pin device i to core i (default: "
                                                       "let the kernel place them)")
     g.add_argument("--memory-budget", type=parse_size, metavar="SIZE",
@@ -240,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--interface", metavar="IP", help="browse on this address only (default: all interfaces)")
     st.add_argument("--timeout", type=float, default=2.0, metavar="S", help="seconds to listen (default: 2)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.add_argument("--plan", action="store_true",
+                    help="also connect to our devices, time their links and print every candidate plan for --model "
+                         "with its predicted ms/token, and why the planner's choice won")
+    st.add_argument("--model", metavar="PATH|REPO", help="with --plan: the model to plan (default: the embedded one)")
+    st.add_argument("--quantize", type=_quantize, metavar="FORMAT", help="with --plan: the weight format")
+    st.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="with --plan: the compute dtype")
     _log_options(st)
     st.set_defaults(func=_cmd_status)
     return parser
@@ -291,11 +304,16 @@ async def _open_engine(args: argparse.Namespace, model, stack: contextlib.AsyncE
     from .runtime.mesh import MeshEngine, local_secret
 
     weights = None
+    plan = getattr(args, "plan", "auto")
     if args.split:
         try:
             weights = [float(w) for w in args.split.split(",")]
         except ValueError:
             raise MeshError(f"--split takes comma-separated numbers, got {args.split!r}") from None
+        if plan not in ("auto", "tp"):
+            raise MeshError(f"--split sets a tensor-parallel split over every device: it does not go with "
+                            f"--plan {plan}")
+        plan = None
     if args.local_devices:
         await _check_local_plan(args, model)  # before any process starts: a plan that cannot work fails now
         secret = local_secret()
@@ -304,12 +322,12 @@ async def _open_engine(args: argparse.Namespace, model, stack: contextlib.AsyncE
                          memory_budget=args.memory_budget, read_rate=args.read_rate))
         return await stack.enter_async_context(
             MeshEngine(model, addresses, secret, dtype=args.dtype, weights=weights, threads=args.threads,
-                       memory_budget=args.memory_budget, quantize=args.quantize))
+                       memory_budget=args.memory_budget, quantize=args.quantize, plan=plan))
     if args.devices:
         addresses = [a for a in args.devices.split(",") if a.strip()]
         return await stack.enter_async_context(
             MeshEngine(model, addresses, secret_bytes(args.secret), dtype=args.dtype, weights=weights,
-                       threads=args.threads, memory_budget=args.memory_budget, quantize=args.quantize))
+                       threads=args.threads, memory_budget=args.memory_budget, quantize=args.quantize, plan=plan))
     secret = args.secret or os.environ.get("MESHLLM_SECRET")
     if secret:  # no addresses given: find the devices of this mesh on the LAN
         from .app import Mesh
@@ -317,7 +335,8 @@ async def _open_engine(args: argparse.Namespace, model, stack: contextlib.AsyncE
         mesh = await stack.enter_async_context(Mesh(model, secret=secret, min_devices=args.min_devices,
                                                     timeout=args.discover_timeout, interface=args.interface,
                                                     dtype=args.dtype, threads=args.threads,
-                                                    memory_budget=args.memory_budget, quantize=args.quantize))
+                                                    memory_budget=args.memory_budget, quantize=args.quantize,
+                                                    plan=plan or "tp"))
         return mesh._engine
     if args.memory_budget:
         raise MeshError("--memory-budget applies to mesh devices: add --local-devices N (N=1 works) or --devices")
@@ -367,7 +386,8 @@ async def _cmd_serve(args: argparse.Namespace) -> int:
             mesh = await stack.enter_async_context(Mesh(
                 model, secret=args.secret or os.environ.get("MESHLLM_SECRET"), min_devices=args.min_devices,
                 timeout=args.discover_timeout, interface=args.interface, dtype=args.dtype, threads=args.threads,
-                memory_budget=args.memory_budget, quantize=args.quantize, prefix_cache=args.prefix_cache))
+                memory_budget=args.memory_budget, quantize=args.quantize, prefix_cache=args.prefix_cache,
+                plan=args.plan))
             return Target(mesh=mesh)
         return Target(engine=await _engine(args, model, stack))
 
@@ -518,6 +538,25 @@ async def _check_local_plan(args: argparse.Namespace, model) -> None:
                         f"available: use fewer --local-devices or a --memory-budget per device")
 
 
+def plan_report(engine, result) -> dict:
+    """The plan in use, the planner's prediction and this run's measurement side by side, and the candidates."""
+    plan = getattr(engine, "plan", None)
+    if plan is None:
+        return {"kind": "local", "describe": "this process alone (no devices)"}
+    out = {"kind": plan.kind, "describe": plan.describe(), "measured": {
+        "token_ms": round(result.token_latency_s * 1e3, 3) if result.token_ids[1:] else None,
+        "ttft_ms": round(result.ttft_s * 1e3, 3) if result.token_ids else None}}
+    chosen = getattr(engine, "chosen", None)
+    if chosen is not None:
+        out["predicted"] = chosen.prediction.as_dict()
+        out["candidates"] = [{"kind": c.kind, "describe": c.label,
+                              **({"predicted": c.prediction.as_dict()} if c.prediction else {"refused": c.refused})}
+                             for c in engine.candidates]
+    else:
+        out["predicted"] = None  # named devices with --split: tensor parallelism over them, not planned
+    return out
+
+
 async def _run_generate(args, engine, prompt, params, model) -> None:
     from .generation.loop import Result
 
@@ -532,6 +571,7 @@ async def _run_generate(args, engine, prompt, params, model) -> None:
     if args.json:
         out = result.to_dict()
         out["devices"] = await engine.devices()
+        out["plan"] = plan_report(engine, result)
         out["model"] = str(model)
         json.dump(out, sys.stdout, ensure_ascii=False)
     sys.stdout.write("\n")
@@ -595,7 +635,7 @@ async def _cmd_join(args: argparse.Namespace) -> int:
         device = await stack.enter_async_context(Device(
             secret, name=args.name, host=host, port=DEFAULT_PORT if args.port is None else args.port,
             fallback_port=args.port is None, threads=threads, budget=args.memory_budget,
-            cache_dir=cache, read_rate=args.read_rate, capability=score,
+            cache_dir=cache, read_rate=args.read_rate, capability=score, measured=measured,
             cache_max=args.cache_max,
             limits=Limits(pending=args.max_pending, pending_per_address=args.max_pending_per_address,
                           sessions=args.max_sessions, sessions_per_link=args.max_sessions_per_link)))
@@ -624,13 +664,59 @@ async def _cmd_status(args: argparse.Namespace) -> int:
     if not args.timeout > 0:
         raise MeshError(f"--timeout must be positive, got {args.timeout}")
     secret = args.secret or os.environ.get("MESHLLM_SECRET")
+    if args.plan and not secret:
+        raise MeshError("status --plan connects to the devices of our mesh: give --secret or set MESHLLM_SECRET")
     out = await survey(secret.encode() if secret else None, args.interface, args.timeout)
+    if args.plan:
+        out["plan"] = await _survey_plans(args, secret, [d["address"] for d in out["devices"]
+                                                         if d["group"] == "ours"])
     if args.json:
         json.dump(out, sys.stdout)
         sys.stdout.write("\n")
     else:
         print_survey(out)
+        if args.plan:
+            _print_plans(out["plan"])
     return 0
+
+
+async def _survey_plans(args: argparse.Namespace, secret: str, addresses: list[str]) -> dict:
+    """Connect to `addresses`, time the links, and plan `--model` over them (nothing is loaded)."""
+    from .cluster.cost import explain
+    from .runtime.mesh import MeshEngine
+
+    if not addresses:
+        raise MeshError("no device of this mesh answered: nothing to plan over (`meshllm join` on each device)")
+    model = await _model_path(args)
+    async with MeshEngine(model, addresses, secret.encode(), dtype=args.dtype, quantize=args.quantize, plan="auto",
+                          skip_unreachable=True, plan_only=True) as m:
+        names = [m2.link.conn.peer_id for m2 in m.members] + list(m.idle.values())
+        return {
+            "model": str(model), "format": str(m.sizes), "origin_ms": round(m.origin_s * 1e3, 3),
+            "chosen": m.chosen.label, "predicted": m.chosen.prediction.as_dict(), "why": explain(m.chosen, m.candidates),
+            "network": {"devices": names, "origin_rtt_ms": [round(t * 1e3, 3) for t in m.network.origin],
+                        "pair_rtt_ms": [[round(t * 1e3, 3) for t in row] for row in m.network.pairs]},
+            "candidates": [{"kind": c.kind, "describe": c.label, **({"predicted": c.prediction.as_dict()}
+                                                                    if c.prediction else {"refused": c.refused})}
+                           for c in m.candidates],
+        }
+
+
+def _print_plans(p: dict) -> None:
+    print(f"\nplans for {p['model']} ({p['format']}); this originator's own part: {p['origin_ms']:.1f} ms/token")
+    print(f"  {'ms/token':>9} {'compute':>8} {'rounds':>8} {'hops':>7} {'disk':>7}  plan")
+    for c in p["candidates"]:
+        mark = "*" if c["describe"] == p["chosen"] else " "
+        if "predicted" in c:
+            q = c["predicted"]
+            print(f"{mark} {q['token_ms']:>9.1f} {q['compute_ms']:>8.1f} {q['rounds_ms']:>8.1f} {q['hops_ms']:>7.1f} "
+                  f"{q['disk_ms']:>7.1f}  {c['describe']}")
+        else:
+            print(f"  {'-':>9} {'':>8} {'':>8} {'':>7} {'':>7}  {c['describe']}: {c['refused']}")
+    print(f"chosen: {p['chosen']}, {p['predicted']['token_ms']:.1f} ms/token predicted. Against the best of each "
+          f"other kind:")
+    for line in p["why"]:
+        print(f"  {line}")
 
 
 async def _cmd_secret(args: argparse.Namespace) -> int:

@@ -65,23 +65,65 @@ async def test_status_lists_devices_meshes_hub_and_round_trips(tmp_path):
         await asyncio.gather(*(d.stop() for d in devices))
 
 
-async def test_generate_without_devices_discovers_the_mesh(make_model, tmp_path):
+async def reference(make_model):
+    """The test checkpoint and its greedy answer from one process holding it."""
     from meshllm import SamplingParams
 
     model = make_model("gqa_tied", **VARIANTS["gqa_tied"])
     async with LocalEngine(model) as engine:
-        ref = await engine.generate("the quick brown fox", SamplingParams(max_tokens=8, ignore_eos=True), chat=False)
+        return model, await engine.generate("the quick brown fox", SamplingParams(max_tokens=8, ignore_eos=True),
+                                            chat=False)
+
+
+async def test_generate_without_devices_discovers_the_mesh(make_model, tmp_path):
+    model, ref = await reference(make_model)
     secret = "cli-" + tmp_path.name
     devices = await join_all([("g-1", secret, 1.0), ("g-2", secret, 2.0)], tmp_path)
     try:
         code, out, err = await run("-m", "meshllm", "generate", "--model", str(model), "--raw", "--prompt",
                                    "the quick brown fox", "--max-tokens", "8", "--ignore-eos", "--json",
-                                   "--interface", LOOPBACK, "--min-devices", "2", env={"MESHLLM_SECRET": secret})
+                                   "--interface", LOOPBACK, "--min-devices", "2", "--plan", "tp",
+                                   env={"MESHLLM_SECRET": secret})
         assert code == 0, err
         result = json.loads(out)
         assert result["token_ids"] == ref.token_ids
         assert sorted(d["id"] for d in result["devices"][1:]) == ["g-1", "g-2"]
         assert [d["id"] for d in result["devices"] if d["role"] == "hub"] == ["g-2"]
+        plan = result["plan"]  # the forced kind, its prediction next to this run's measurement
+        assert plan["kind"] == "tp" and plan["measured"]["token_ms"] > 0 and plan["predicted"]["token_ms"] > 0
+        assert [c["kind"] for c in plan["candidates"]] == ["tp"]  # forced: tensor parallel over both, nothing else
+    finally:
+        await asyncio.gather(*(d.stop() for d in devices))
+
+
+async def test_status_plan_lists_the_candidates_and_generate_runs_the_winner(make_model, tmp_path):
+    model, ref = await reference(make_model)
+    secret = "plan-" + tmp_path.name
+    devices = await join_all([("p-1", secret, 1.0), ("p-2", secret, 3.0), ("p-3", secret, 2.0)], tmp_path)
+    env = {"MESHLLM_SECRET": secret}
+    try:
+        code, out, err = await run("-m", "meshllm", "status", "--interface", LOOPBACK, "--timeout", "1.5", "--plan",
+                                   "--model", str(model), "--json", env=env)
+        assert code == 0, err
+        plan = json.loads(out)["plan"]
+        kinds = [c["kind"] for c in plan["candidates"]]
+        # 3 singles, tp and pipelines over the 2 and 3 strongest, 3 hybrids of 3
+        assert sorted(kinds) == sorted(["single"] * 3 + ["tp"] * 2 + ["pipeline"] * 2 + ["hybrid"] * 3), kinds
+        times = [c["predicted"]["token_ms"] for c in plan["candidates"]]
+        assert times == sorted(times) and plan["chosen"] == plan["candidates"][0]["describe"]
+        assert sorted(plan["network"]["devices"]) == ["p-1", "p-2", "p-3"]
+        assert all(0 < t < 500 for t in plan["network"]["origin_rtt_ms"])
+        assert len(plan["why"]) == len(set(kinds)) - 1  # the winner against the best of each other kind
+        code, text, err = await run("-m", "meshllm", "status", "--interface", LOOPBACK, "--timeout", "1.5", "--plan",
+                                    "--model", str(model), env=env)
+        assert code == 0 and "chosen: " in text and "ms/token predicted" in text, err
+        code, out, err = await run("-m", "meshllm", "generate", "--model", str(model), "--raw", "--prompt",
+                                   "the quick brown fox", "--max-tokens", "8", "--ignore-eos", "--json",
+                                   "--interface", LOOPBACK, "--min-devices", "3", env=env)
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["token_ids"] == ref.token_ids
+        assert result["plan"]["kind"] == plan["candidates"][0]["kind"]  # same devices, same links: same choice
     finally:
         await asyncio.gather(*(d.stop() for d in devices))
 

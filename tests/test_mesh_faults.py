@@ -179,7 +179,7 @@ async def test_ctrl_c_on_the_originator_stops_every_device(make_model, tmp_path)
         env = {**os.environ, "MESHLLM_SECRET": secret.decode()}
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "meshllm", "generate", "--model", str(folder), "--raw", "--prompt", PROMPT,
-            "--devices", ",".join(addresses), "--max-tokens", "60000", "--ignore-eos",
+            "--devices", ",".join(addresses), "--plan", "tp", "--max-tokens", "60000", "--ignore-eos",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
         got = b""
         while len(got) < 20:  # generating: text is streaming out

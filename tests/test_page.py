@@ -27,7 +27,7 @@ SHORT = 12  # tokens per reply where the page is given ?max_tokens= (the random 
 @pytest.fixture(scope="module")
 def server(make_model, tmp_path_factory):
     s = Serve(make_model("gqa_tied", **VARIANTS["gqa_tied"]), tmp_path_factory.mktemp("serve-page"),
-              "--local-devices", "2", "-v")
+              "--local-devices", "2", "--plan", "tp", "-v")
     try:
         s.wait_ready(60)
         yield s

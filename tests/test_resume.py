@@ -71,7 +71,8 @@ async def test_the_cli_resumes_a_request_when_a_device_dies(model):
     expected = await reference(model)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "meshllm", "generate", "--model", str(model), "--raw", "--prompt", PROMPT,
-        "--local-devices", "3", "--max-tokens", str(PARAMS.max_tokens), "--ignore-eos", "--threads", "1",
+        "--local-devices", "3", "--plan", "tp", "--max-tokens", str(PARAMS.max_tokens), "--ignore-eos",
+        "--threads", "1",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     got = b""
     while len(got) < 10:

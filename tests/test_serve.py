@@ -33,8 +33,8 @@ def model(make_model) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
-    s = Serve(model, tmp_path_factory.mktemp("serve"), "--local-devices", "2", "--api-key", KEY, "--max-queue", "1",
-              "-v")
+    s = Serve(model, tmp_path_factory.mktemp("serve"), "--local-devices", "2", "--plan", "tp", "--api-key", KEY,
+              "--max-queue", "1", "-v")
     try:
         s.wait_ready()
         yield s
@@ -335,7 +335,7 @@ def test_not_ready_then_a_lost_device_is_503(model, tmp_path):
     """Before the mesh is up: 503 mesh_not_ready (and /health says loading). A device killed mid-request: the
     request resumes on the device left and streams what an undisturbed run gives. Both killed: 503 with
     x-should-retry: false (a retry would run the generation again)."""
-    s = Serve(model, tmp_path, "--local-devices", "2", "-v")
+    s = Serve(model, tmp_path, "--local-devices", "2", "--plan", "tp", "-v")
     try:
         url = s.wait_listening()
         with pytest.raises(urllib.error.HTTPError) as e:

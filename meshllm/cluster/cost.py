@@ -17,7 +17,7 @@ of one, a hybrid several stages of several; a single device is one stage of one)
 
 The planner enumerates single devices, tensor parallelism over the k strongest, pipelines over them and hybrids
 (the k strongest partitioned into groups), drops those a budget rules out (not even one block fits), and picks the
-lowest prediction.
+lowest prediction. A kind the user forces runs on every device (the best one alone for 'single').
 """
 
 from __future__ import annotations
@@ -158,9 +158,10 @@ def _partitions(items: Sequence[int]) -> Iterator[list[list[int]]]:
 
 
 def candidates(config: ModelConfig, sizes: "str | Sizes", costs: Sequence[DeviceCost], net: Network, *,
-               kinds: Sequence[str] = KINDS, origin_s: float = 0.0) -> list[Candidate]:
+               kinds: Sequence[str] = KINDS, origin_s: float = 0.0, every: bool = False) -> list[Candidate]:
     """Every candidate plan with its prediction, fastest first; the ones a budget or the model's shape rules out
-    come last with the reason."""
+    come last with the reason. `every`: plans of several devices use all of them (a kind the user forced), not
+    only the k strongest."""
     z = Sizes.of(sizes)
     n = len(costs)
     names = tuple(c.name for c in costs)
@@ -186,7 +187,7 @@ def candidates(config: ModelConfig, sizes: "str | Sizes", costs: Sequence[Device
     if "single" in kinds:
         for i in order:
             add("single", [[i]])
-    for k in range(2, n + 1):
+    for k in range(n if every else 2, n + 1):
         top = order[:k]
         if "tp" in kinds:
             add("tp", [top])
@@ -215,9 +216,31 @@ def choose(config: ModelConfig, sizes: "str | Sizes", costs: Sequence[DeviceCost
     if n < need:
         raise PlanError(f"a {kind} plan needs at least {need} devices, and {n} answered: add devices or use "
                         f"--plan auto")
-    cands = candidates(config, sizes, costs, net, kinds=KINDS if kind == "auto" else (kind,), origin_s=origin_s)
+    # a forced kind of several devices runs on all of them; auto also weighs leaving the weakest out
+    cands = candidates(config, sizes, costs, net, kinds=KINDS if kind == "auto" else (kind,), origin_s=origin_s,
+                       every=kind != "auto")
     ok = [c for c in cands if c.plan is not None]
     if not ok:
         raise PlanError(f"no {'' if kind == 'auto' else kind + ' '}plan fits these devices: " + "; ".join(
             f"{c.label}: {c.refused}" for c in cands[:4]))
     return ok[0], cands
+
+
+PARTS = (("compute_s", "compute"), ("rounds_s", "allreduce rounds"), ("hops_s", "hops to and from the originator"),
+         ("disk_s", "reads from storage"))
+
+
+def explain(chosen: Candidate, cands: Sequence[Candidate]) -> list[str]:
+    """Why the winner won: against the best candidate of every other kind, what that one pays more of."""
+    lines, seen = [], {chosen.kind}
+    w = chosen.prediction
+    for c in cands:
+        if c.plan is None or c.kind in seen:
+            continue
+        seen.add(c.kind)
+        p = c.prediction
+        worst = max(PARTS, key=lambda part: getattr(p, part[0]) - getattr(w, part[0]))
+        more = getattr(p, worst[0]) - getattr(w, worst[0])
+        lines.append(f"{c.kind} ({c.label}): {p.token_s * 1e3:.1f} ms/token, +{(p.token_s - w.token_s) * 1e3:.1f} "
+                     f"ms; most of it {worst[1]} (+{more * 1e3:.1f} ms)")
+    return lines

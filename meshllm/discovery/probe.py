@@ -16,7 +16,7 @@ import torch
 
 log = logging.getLogger("meshllm.probe")
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: per weight kind, the fixed time and byte rate of a decode phase
 
 
 def _cpu_model() -> str:
@@ -88,7 +88,8 @@ def free_disk(folder: Path) -> int:
 
 
 def measure(threads: int, seconds: float = 0.25) -> dict:
-    """Decode-like GEMV bandwidth (GB/s of fp32 weights) and matmul GFLOP/s with `threads` threads."""
+    """Decode-like GEMV bandwidth (GB/s of fp32 weights), matmul GFLOP/s, and per weight kind the fixed time and
+    byte rate of a decode phase (runtime.worker.phase_costs), with `threads` threads."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -108,9 +109,13 @@ def measure(threads: int, seconds: float = 0.25) -> dict:
 
         gemv = rate(lambda: torch.mv(w, x), w.numel() * 4) / 1e9
         gflops = rate(lambda: a @ a, 2 * 512**3) / 1e9
+        from ..runtime.worker import phase_costs
+
+        phases = phase_costs(20)
     finally:
         torch.set_num_threads(previous)
-    return {"gemv_gbps": round(gemv, 3), "matmul_gflops": round(gflops, 1)}
+    return {"gemv_gbps": round(gemv, 3), "matmul_gflops": round(gflops, 1),
+            "phases": {k: [round(f, 7), round(r)] for k, (f, r) in phases.items()}}
 
 
 def capability(cache_folder: Path, threads: int, refresh: bool = False) -> dict:

@@ -116,7 +116,7 @@ class Device:
                  max_frame: int = DEFAULT_MAX_FRAME, capability: float | None = None,
                  cache_dir: str | os.PathLike | None = None, budget: int | None = None,
                  read_rate: float | None = None, fallback_port: bool = False, limits: Limits = Limits(),
-                 cache_max: int | None = None) -> None:
+                 cache_max: int | None = None, measured: dict | None = None) -> None:
         self.secret = secret
         self.limits = limits
         self.node_id = name or f"dev-{uuid.uuid4().hex[:8]}"
@@ -131,6 +131,9 @@ class Device:
         self.read_rate = read_rate  # test hook: cap block reads at this many bytes/s (a slow disk)
         self.info = {"cores": cpu_count(), "capability": capability or float(threads or cpu_count()),
                      "budget": budget}
+        if measured:  # the probe's numbers, for the originator's planner
+            self.info["phases"] = measured.get("phases")
+            self.info["flops"] = measured.get("matmul_gflops", 0) * 1e9 or None
         self.links: set[Link] = set()
         self.sessions: dict[str, Session] = {}
         self._refusals: dict[str, float] = {}  # address -> when its refusal was last logged

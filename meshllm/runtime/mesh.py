@@ -65,7 +65,8 @@ class MeshEngine(Originator):
                  node_id: str | None = None, memory_budget: int | None = None,
                  skip_unreachable: bool = False, defer: bool = False, quantize: str | None = None,
                  plan: str | None = None,
-                 layout: tuple[Sequence[Sequence[int]], Sequence[int] | None] | None = None) -> None:
+                 layout: tuple[Sequence[Sequence[int]], Sequence[int] | None] | None = None,
+                 plan_only: bool = False) -> None:
         super().__init__(model, dtype=dtype, threads=threads, quantize=quantize)
         if plan is not None and plan not in ("auto", *KINDS):
             raise MeshError(f"unknown plan {plan!r}: use auto, {', '.join(KINDS)}")
@@ -73,6 +74,7 @@ class MeshEngine(Originator):
         # device given, unmeasured (as named, with --weights)
         self.plan_kind = plan
         self.layout = layout  # (stages of device indices, layers per stage or None): exactly this plan
+        self.plan_only = plan_only  # measure and plan, load nothing (`status --plan`)
         if not devices and not defer:
             raise MeshError("no devices given: pass --devices HOST:PORT,... or --local-devices N")
         self.addresses = list(devices)
@@ -94,7 +96,8 @@ class MeshEngine(Originator):
         self.chosen: Candidate | None = None  # the planner's pick, with its prediction
         self.candidates: list[Candidate] = []  # everything it considered, fastest first
         self.network: Network | None = None  # the round trips it planned with
-        self.idle: list[str] = []  # devices that answered but the plan does not use
+        self.origin_s: float | None = None  # this process's own time per token (embedding, LM head, sampling)
+        self.idle: dict[str, str] = {}  # address -> node id of the devices that answered but the plan leaves out
         self.req = 0
         self.step = 0
         self._pending: dict[tuple[str, Any], asyncio.Future] = {}
@@ -125,6 +128,8 @@ class MeshEngine(Originator):
                             f"its budget of {human_bytes(self.budget)}; the smallest budget that works here is "
                             f"{human_bytes(self.head.nbytes())}")
         await self._choose_plan()
+        if self.plan_only:
+            return
         dtype_name = str(self.dtype).replace("torch.", "")
         log.info("mesh of %d: %s; shards %s", len(self.members), self.plan.describe(),
                  ", ".join(f"{m.link.conn.peer_id}: heads {s.q_start}-{s.q_stop} mlp {s.mlp_start}-{s.mlp_stop}"
@@ -172,8 +177,11 @@ class MeshEngine(Originator):
             self.plan = make_plan(self.config, specs, self.sizes)
             return
         self.network = await self._measure_network()
-        costs = [device_cost(s, m.link.conn.peer_info) for s, m in zip(specs, self.members)]
-        self.chosen, self.candidates = choose(self.config, self.sizes, costs, self.network, kind=self.plan_kind)
+        if self.origin_s is None:
+            self.origin_s = await asyncio.get_running_loop().run_in_executor(self._compute, self._time_origin)
+        costs = [device_cost(s, m.link.conn.peer_info, self.sizes) for s, m in zip(specs, self.members)]
+        self.chosen, self.candidates = choose(self.config, self.sizes, costs, self.network, kind=self.plan_kind,
+                                              origin_s=self.origin_s)
         self.plan = self.chosen.plan
         self._keep_members([i for stage in self.chosen.stages for i in stage])
         p = self.chosen.prediction
@@ -183,10 +191,21 @@ class MeshEngine(Originator):
                  next((f"{c.label} at {c.prediction.token_s * 1e3:.1f}" for c in self.candidates[1:] if c.plan),
                       "none"))
 
+    def _time_origin(self) -> float:
+        """This originator's own time per token: embedding a token, the LM head and greedy sampling (median of a
+        few, on the compute thread)."""
+        runs = []
+        for i in range(5):
+            t0 = time.perf_counter()
+            x = self._embed([i])
+            int(self._logits(x).argmax())
+            runs.append(time.perf_counter() - t0)
+        return statistics.median(runs[1:])
+
     def _keep_members(self, used: list[int]) -> None:
         """The plan's devices become the members, in its rank order; the others are let go."""
         members, self.members = self.members, [self.members[i] for i in used]
-        self.idle = [m.address for i, m in enumerate(members) if i not in used]
+        self.idle = {m.address: m.link.conn.peer_id for i, m in enumerate(members) if i not in used}
         for i, m in enumerate(members):
             if i not in used:
                 m.link.close()  # not a member any more: its close is no loss
@@ -309,14 +328,23 @@ class MeshEngine(Originator):
             # a new plan over the same devices would wait the same way
         log.warning("%s: re-planning over %d device(s) and resuming the request", error, len(alive))
         skip, self.skip_unreachable = self.skip_unreachable, True  # one that stopped answering is left out
+        kind = self.plan_kind
         try:
-            await self._replan(alive)
+            try:
+                await self._replan(alive)
+            except PlanError as e:
+                if kind in (None, "auto"):
+                    raise
+                log.warning("%s: resuming on the planner's choice instead of a %s plan", e, kind)
+                self.plan_kind = "auto"
+                await self._replan(alive)
         finally:
-            self.skip_unreachable = skip
+            self.skip_unreachable, self.plan_kind = skip, kind
         return bool(self.members)
 
     async def _replan(self, devices: Sequence[str]) -> None:
         await self._stop()
+        self.idle = {}
         self.addresses = list(devices)
         self.weights = None  # split weights were per address: the new plan uses what devices advertise
         self.session = uuid.uuid4().hex[:12]
@@ -528,16 +556,20 @@ class MeshEngine(Originator):
         return out
 
 
-def device_cost(spec: DeviceSpec, info: dict) -> DeviceCost:
+def device_cost(spec: DeviceSpec, info: dict, sizes) -> DeviceCost:
     """The cost model's view of a device from what it advertised in its hello (each number checked: a peer may
-    err): its score is its decode GEMV bandwidth in GB/s."""
-    def positive(key: str, default):
-        v = info.get(key)
+    err): for the weight kind of `sizes`, the fixed time and byte rate of a decode phase its probe measured; else
+    its score (decode GEMV GB/s) and the default fixed time."""
+    def positive(v, default):
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e15 else default
 
-    return DeviceCost(spec.name, positive("capability", 1.0) * 1e9, spec.budget_bytes,
-                      phase_s=positive("phase_s", PHASE_S), read_rate=positive("read_rate", READ_RATE),
-                      flops=positive("flops", None))
+    kind = "int4" if "int4" in str(sizes) else "int8" if "int8" in str(sizes) else "dense"
+    phases = info.get("phases")
+    fit = phases.get(kind) if isinstance(phases, dict) else None
+    fixed, rate = fit if isinstance(fit, list) and len(fit) == 2 else (None, None)
+    return DeviceCost(spec.name, positive(rate, positive(info.get("capability"), 1.0) * 1e9), spec.budget_bytes,
+                      phase_s=positive(fixed, PHASE_S), read_rate=positive(info.get("read_rate"), READ_RATE),
+                      flops=positive(info.get("flops"), None))
 
 
 async def gather_or_cancel(*aws) -> list:

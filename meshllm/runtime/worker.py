@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
 from ..model.config import ModelConfig
@@ -82,38 +85,86 @@ class ShardWorker:
         return mlp_partial(blk or self.mlp_blocks[layer], x)
 
 
+def _random_worker(config, fmt: "Format", g: torch.Generator) -> "ShardWorker":
+    """One random layer of `config` in format `fmt`, the whole of it on one worker (fp32 residual stream)."""
+    from ..model.loader import BlockTensors, attn_block, mlp_block
+    from ..model.gguf_quants import quantize_int4, quantize_rows_int8
+    from ..model.weights import PortableInt4
+
+    c, d, hd = config, config.hidden_size, config.head_dim
+    shard = Shard.full(c)
+    act = act_dtype(torch.float32, fmt)
+    attn, mlp = BlockTensors(), BlockTensors()
+    for b in (attn, mlp):
+        b.tensors["norm"] = torch.ones(d)
+    for b, name, rows, cols in ((attn, "wqkv", (c.num_heads + 2 * c.num_kv_heads) * hd, d),
+                                (attn, "wo", d, c.num_heads * hd), (mlp, "w13", 2 * c.intermediate_size, d),
+                                (mlp, "w2", d, c.intermediate_size)):
+        w = torch.randn(rows, cols, generator=g) / 8
+        m = w if not fmt.quantized else (PortableInt4(*quantize_int4(w.numpy(), 32), 32) if fmt.kind == "int4"
+                                         else _int8_rows(*quantize_rows_int8(w.numpy())))
+        b.put(name, m, act, "random layer")
+    return ShardWorker(c, shard, [attn_block(attn.device_form(), c, shard)], [mlp_block(mlp.device_form(), c)],
+                       torch.float32, act)
+
+
+def _layer_config(d: int, inter: int, heads: int, kv: int):
+    from ..model.config import ModelConfig
+
+    return ModelConfig(hidden_size=d, intermediate_size=inter, num_layers=1, num_heads=heads, num_kv_heads=kv,
+                       head_dim=d // heads, vocab_size=16, rms_norm_eps=1e-5, max_position_embeddings=16)
+
+
 def warm_up() -> None:
     """Run each kind of phase once on a tiny random layer (dense fp32, int8, int4; a prefill and a decode step), in
     the compute thread at start: the kernels' self-test runs and the code they use is paged in now, so a device's
     memory and first-request latency afterwards are its model's, not the runtime's first use."""
-    from ..model.config import ModelConfig
-    from ..model.loader import BlockTensors, attn_block, mlp_block
-    from ..model.gguf_quants import quantize_int4, quantize_rows_int8
-    from ..model.weights import PortableInt4, kernels
+    from ..model.weights import kernels
 
     kernels()
-    c = ModelConfig(hidden_size=64, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32,
-                    vocab_size=16, rms_norm_eps=1e-5, max_position_embeddings=16)
+    c = _layer_config(64, 64, 2, 1)
     g = torch.Generator().manual_seed(0)
-    shard = Shard.full(c)
     for fmt in (Format(), Format("int8"), Format("int4")):
-        act = act_dtype(torch.float32, fmt)
-        attn, mlp = BlockTensors(), BlockTensors()
-        for b in (attn, mlp):
-            b.tensors["norm"] = torch.ones(64)
-        for b, name, rows in ((attn, "wqkv", 128), (attn, "wo", 64), (mlp, "w13", 128), (mlp, "w2", 64)):
-            w = torch.randn(rows, 64, generator=g) / 8
-            m = w if not fmt.quantized else (PortableInt4(*quantize_int4(w.numpy(), 32), 32) if fmt.kind == "int4"
-                                             else _int8_rows(*quantize_rows_int8(w.numpy())))
-            b.put(name, m, act, "warm-up")
-        worker = ShardWorker(c, shard, [attn_block(attn.device_form(), c, shard)],
-                             [mlp_block(mlp.device_form(), c)], torch.float32, act)
+        worker = _random_worker(c, fmt, g)
         worker.begin(8)
         with torch.inference_mode():
             for x, start in ((torch.randn(1, 3, 64, generator=g), 0), (torch.randn(1, 1, 64, generator=g), 3)):
                 x = x + worker.attn(0, x, start)
                 worker.mlp(0, x)
         worker.end()
+
+
+def phase_costs(steps: int = 12) -> dict[str, list[float]]:
+    """Per weight kind (dense fp32, int8, int4): [fixed seconds per phase, bytes per second] of a decode phase on
+    this device with torch's current threads, fitted through a tiny layer (d=64: nearly all dispatch) and a 1B-model
+    layer (d=1024: nearly all weight reads). The planner predicts a phase of B bytes as fixed + B / rate (a SmolLM2
+    layer, measured against this fit: within 10%)."""
+    from ..cluster.plan import Sizes, block_bytes
+    from ..model.weights import kernels
+
+    kernels()
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    for fmt in (Format(), Format("int8"), Format("int4")):
+        kind = {"int4": "int4:32", "int8": "int8"}.get(fmt.kind)
+        z = Sizes("float32", tuple((f, kind) for f in ("qkv", "o", "w13", "w2")) if kind else ())
+        points = []
+        for c in (_layer_config(64, 64, 2, 1), _layer_config(1024, 2816, 16, 4)):
+            worker = _random_worker(c, fmt, g)
+            worker.begin(8)
+            x, runs = torch.randn(1, 1, c.hidden_size, generator=g), []
+            with torch.inference_mode():
+                for i in range(steps + 2):
+                    t0 = time.perf_counter()
+                    y = x + worker.attn(0, x, 4)
+                    worker.mlp(0, y)
+                    runs.append((time.perf_counter() - t0) / 2)
+            points.append((statistics.median(runs[2:]), sum(block_bytes(c, worker.shard, z)) / 2))
+            del worker
+        (t1, b1), (t2, b2) = points
+        rate = (b2 - b1) / max(t2 - t1, 1e-9)
+        out[fmt.kind] = [max(t1 - b1 / rate, 1e-6), rate]
+    return out
 
 
 def _int8_rows(q, scale):
