@@ -69,7 +69,7 @@ class Testbed:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, devices: int, secret: str, *, rtt_ms: float = 0.0, rate: str | None = None,
+    def __init__(self, devices: int, secret: str, *, rtt_ms: float | list[float] = 0.0, rate: str | None = None,
                  cpus: float | None = None, memory: int | None = None, budget: int | None = None,
                  scores: list[float] | None = None, log_dir: Path | None = None, threads: int = 1,
                  start: bool = True) -> None:
@@ -158,10 +158,11 @@ class Testbed:
                 cmd += ["--score", str(self.scores[i % len(self.scores)])]
             if self.budget:
                 cmd += ["--memory-budget", str(self.budget)]
-            if self.rtt_ms:
+            rtt = self.rtt_ms[i] if isinstance(self.rtt_ms, list) else self.rtt_ms  # one per device, or for all
+            if rtt:
                 relay = await asyncio.create_subprocess_exec(
                     *self._exec(i), sys.executable, str(Path(__file__).parent / "relay.py"), "--listen",
-                    f"{ip}:{RELAY_PORT}", "--to", f"{ip}:{DEVICE_PORT}", "--rtt-ms", str(self.rtt_ms),
+                    f"{ip}:{RELAY_PORT}", "--to", f"{ip}:{DEVICE_PORT}", "--rtt-ms", str(rtt),
                     stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
                 self.procs.append(relay)
                 line = (await asyncio.wait_for(relay.stdout.readline(), 30)).decode()

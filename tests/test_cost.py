@@ -46,12 +46,13 @@ def test_a_single_device_prediction_is_bytes_over_bandwidth_plus_fixed_costs():
 
 def test_tensor_parallel_pays_two_rounds_a_layer_to_the_farthest_worker():
     costs = same(3, phase_s=100e-6)
-    pairs = ((0, 0.001, 0.004), (0.001, 0, 0.002), (0.004, 0.002, 0))
+    # row i: links device i opens; workers open theirs to the hub, so the hub's own row does not count
+    pairs = ((0, 0.0001, 0.0001), (0.001, 0, 0.002), (0.004, 0.002, 0))
     net = Network((0.0005, 0.0005, 0.0005), pairs)
     plan = staged_plan(SMOL, [DeviceSpec(c.name, 5.0) for c in costs], "bfloat16", [[0, 1, 2]])
     assert plan.kind == "tp" and plan.hub == 0  # equal weights: the first name
     p = predict(SMOL, plan, costs, net, [0, 1, 2])
-    assert p.rounds_s == pytest.approx(2 * 30 * (0.004 + ROUND_S))  # hub 0's farthest worker is d2
+    assert p.rounds_s == pytest.approx(2 * 30 * (0.004 + ROUND_S))  # d2's link to hub 0 is the slowest
     per_layer = max((sum(block_bytes(SMOL, s, "bfloat16"))) / (5 * GB) + 2 * 100e-6 for s in plan.shards)
     assert p.compute_s == pytest.approx(30 * per_layer)
 
@@ -88,22 +89,28 @@ def test_a_budget_below_one_block_rules_out_the_single_device():
 
 
 def test_slow_links_between_two_fast_pairs_make_a_hybrid_win():
-    # a TinyLlama-sized model on slow devices: one alone is slow, so splitting pays; d0-d1 and d2-d3 sit on fast
-    # links, the two pairs 5 ms apart (and the originator 5 ms from the second pair)
+    # four devices that each hold only 30% of a TinyLlama-sized model: alone or in pairs they would stream the rest
+    # from storage every token. d0-d1 and d2-d3 sit on fast links, the pairs 5 ms apart (and the originator 5 ms
+    # from the second pair). Tensor parallelism over all four fits but pays 2L rounds of 5 ms; a pipeline of four
+    # fits but computes every layer on one device at a time; two tensor-parallel pairs in a pipeline fit, halve
+    # the compute, and cross the slow link once per token.
     fast, slow = 0.0002, 0.005
+    total = staged_plan(TINY, [DeviceSpec("x")], "bfloat16", [[0]]).shard_bytes[0]
     pairs = tuple(tuple(0.0 if i == j else fast if i // 2 == j // 2 else slow for j in range(4)) for i in range(4))
     net = Network((fast, fast, slow, slow), pairs)
-    best, cands = choose(TINY, "bfloat16", same(4, bandwidth=1 * GB), net)
+    costs = same(4, bandwidth=4 * GB, budget=int(0.3 * total), read_rate=200e6)
+    best, cands = choose(TINY, "bfloat16", costs, net)
     assert best.kind == "hybrid" and best.stages in (((0, 1), (2, 3)), ((2, 3), (0, 1)))
     by_kind = {}
     for c in cands:
         by_kind.setdefault(c.kind, c)
     for kind in ("single", "tp", "pipeline"):
         assert by_kind[kind].prediction.token_s > best.prediction.token_s, kind
-    # tensor parallelism over all four pays 2L rounds of 5 ms
-    assert by_kind["tp"].prediction.rounds_s >= 2 * 22 * slow
+    assert by_kind["single"].prediction.disk_s > 0  # over its budget: it streams
+    tp4 = next(c for c in cands if c.kind == "tp" and len(c.stages[0]) == 4)
+    assert tp4.prediction.rounds_s >= 2 * 22 * slow and tp4.prediction.disk_s == 0
     # the same devices on uniformly fast links: tensor parallelism over all four
-    best_fast, _ = choose(TINY, "bfloat16", same(4, bandwidth=1 * GB), Network.uniform(4, fast))
+    best_fast, _ = choose(TINY, "bfloat16", costs, Network.uniform(4, fast))
     assert best_fast.kind == "tp" and len(best_fast.stages[0]) == 4
 
 

@@ -58,7 +58,9 @@ class DeviceCost:
 
 @dataclass(frozen=True)
 class Network:
-    """Measured round trips in seconds: originator <-> device i, and device i <-> device j."""
+    """Measured round trips in seconds: originator to device i, and device i to device j over a link i opens (a
+    worker opens its link to the hub: a relay or a one-way shaper in front of a device only slows links made to
+    it)."""
 
     origin: tuple[float, ...]
     pairs: tuple[tuple[float, ...], ...]
@@ -124,7 +126,7 @@ def predict(config: ModelConfig, plan: Plan, costs: Sequence[DeviceCost], net: N
                                         / c.flops + 2 * c.phase_s)
         wire = 0.0
         if len(ranks) > 1:
-            far = max(net.pairs[index[hub]][index[r]] for r in ranks if r != hub)
+            far = max(net.pairs[index[r]][index[hub]] for r in ranks if r != hub)
             wire = 2 * layers * (far + ROUND_S)
         hop = (max(net.origin[index[r]] for r in ranks) + net.origin[index[hub]]) / 2 + HOP_S
         stage = max(layers * per_layer + wire, stage_disk)

@@ -655,7 +655,17 @@ class Device:
         session.stats.framing_s += time.perf_counter() - t
         add = None
         store = session.store
-        for layer in range(len(session.worker.shard.layers(session.worker.config))):  # counted from its first
+        layers = len(session.worker.shard.layers(session.worker.config))
+        if session.world == 1 and store.window.fits:
+            # alone in its stage, every block resident: nothing to wait for between layers, so one executor job
+            # runs them all (a job per phase costs ~0.2 ms of hops each: 12 ms a token on a 30-layer model)
+            blocks = [await store.get(i) for i in range(2 * layers)]  # resident: no wait
+            t = time.perf_counter()
+            x = await loop.run_in_executor(self._compute, self._layers, session.worker, x, start, blocks)
+            session.stats.compute_s += time.perf_counter() - t
+            del blocks
+            layers = 0  # done
+        for layer in range(layers):  # counted from its first
             for phase in (0, 1):
                 if req <= session.finished_req:  # aborted: stop at the next phase whatever the awaits did
                     raise asyncio.CancelledError(f"request {req} was aborted")
@@ -671,11 +681,20 @@ class Device:
             t = time.perf_counter()
             # the hidden state of the last position (the LM head's input), or of every position for the next
             # pipeline stage to go on from
-            last = x + add if msg.get("all") else x[:, -1:] + add[:, -1:]
+            out = x if add is None else x + add
+            last = out if msg.get("all") else out[:, -1:]
             session.originator.send({"t": "result", "session": session.id, "req": req, "step": step,
                                      "x": to_record(last)})
             session.stats.framing_s += time.perf_counter() - t
         session.stats.steps += 1
+
+    @staticmethod
+    def _layers(worker: ShardWorker, x: torch.Tensor, start: int, blocks: list) -> torch.Tensor:
+        with torch.inference_mode():
+            for layer in range(len(blocks) // 2):
+                x = x + worker.attn(layer, x, start, blocks[2 * layer])
+                x = x + worker.mlp(layer, x, blocks[2 * layer + 1])
+            return x
 
     @staticmethod
     def _phase(worker: ShardWorker, layer: int, phase: int, x: torch.Tensor, add: torch.Tensor | None,

@@ -65,7 +65,7 @@ class MeshEngine(Originator):
                  node_id: str | None = None, memory_budget: int | None = None,
                  skip_unreachable: bool = False, defer: bool = False, quantize: str | None = None,
                  plan: str | None = None,
-                 layout: tuple[Sequence[Sequence[int]], Sequence[int] | None] | None = None,
+                 layout: "tuple[Sequence[Sequence[int]], Sequence[int] | None] | Candidate | None" = None,
                  plan_only: bool = False) -> None:
         super().__init__(model, dtype=dtype, threads=threads, quantize=quantize)
         if plan is not None and plan not in ("auto", *KINDS):
@@ -168,6 +168,10 @@ class MeshEngine(Originator):
         measured now. The members become the plan's devices in rank order; the others are let go."""
         specs = self._specs()
         self.chosen, self.candidates, self.network = None, [], None
+        if isinstance(self.layout, Candidate):  # a plan the planner made over these devices, as it is
+            self.plan, self.chosen = self.layout.plan, self.layout
+            self._keep_members([i for stage in self.layout.stages for i in stage])
+            return
         if self.layout is not None:
             stages, layers = self.layout
             self.plan = staged_plan(self.config, specs, self.sizes, stages, layers)
@@ -241,8 +245,7 @@ class MeshEngine(Originator):
         # one device at a time: timings taken side by side would include each other's queueing
         to_origin = [await origin(m) for m in self.members]
         rows = [await pairs(i) for i in range(n)]
-        sym = tuple(tuple(max(rows[i][j], rows[j][i]) for j in range(n)) for i in range(n))
-        return Network(tuple(to_origin), sym)
+        return Network(tuple(to_origin), tuple(tuple(row) for row in rows))
 
     async def _load_member(self, m: Member, dtype_name: str) -> None:
         """Send the load; stream any blocks the device lacks; wait until it holds its shard."""
