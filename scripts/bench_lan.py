@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchlib import ROOT  # noqa: E402 (sets the import path first)
+from benchlib import ROOT, write_report  # noqa: E402 (sets the import path first)
 from lan_testbed import Testbed, unusable  # noqa: E402
 
 
@@ -131,12 +129,8 @@ def main() -> None:
     if reason:
         sys.exit(f"bench_lan: {reason}")
     out = asyncio.run(main_async(args))
-    out.update(benchmark="lan", command="python scripts/bench_lan.py " + " ".join(sys.argv[1:]),
-               machine={"cpus": os.cpu_count(), "python": platform.python_version()})
     print_tables(out)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_report(out, "lan", args.out)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchlib import ROOT  # noqa: E402 (sets the import path first)
+from benchlib import ROOT, write_report  # noqa: E402 (sets the import path first)
 from lan_testbed import RELAY_PORT, Testbed, unusable  # noqa: E402
 
 PROMPT = "Tell me about the sea and the ships that sail on it."
@@ -155,11 +153,7 @@ def main() -> None:
     if reason:
         sys.exit(f"bench_plan: {reason}")
     out = asyncio.run(main_async(args))
-    out.update(benchmark="plan", command="python scripts/bench_plan.py " + " ".join(sys.argv[1:]),
-               machine={"cpus": os.cpu_count(), "python": platform.python_version()})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_report(out, "plan", args.out)
 
 
 if __name__ == "__main__":

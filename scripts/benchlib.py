@@ -31,3 +31,15 @@ async def measured_request(mesh, ids: list[int], tokens: int, keys: tuple[str, .
         pass
     after = await mesh.device_stats()
     return result, [{k: a[k] - b[k] for k in keys} for a, b in zip(after, before)]
+
+
+def write_report(out: dict, name: str, path: str) -> None:
+    """Stamp a benchmark's JSON with its name, command line and machine, and write it."""
+    import json
+    import platform
+
+    out.update(benchmark=name, command=f"python scripts/bench_{name}.py " + " ".join(sys.argv[1:]),
+               machine={"cpus": os.cpu_count(), "python": platform.python_version()})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\nwrote {path}")
