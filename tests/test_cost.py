@@ -7,6 +7,7 @@ import pytest
 
 from meshllm.cluster.cost import (
     HOP_S,
+    JOB_S,
     ROUND_S,
     DeviceCost,
     Network,
@@ -52,7 +53,7 @@ def test_tensor_parallel_pays_two_rounds_a_layer_to_the_farthest_worker():
     plan = staged_plan(SMOL, [DeviceSpec(c.name, 5.0) for c in costs], "bfloat16", [[0, 1, 2]])
     assert plan.kind == "tp" and plan.hub == 0  # equal weights: the first name
     p = predict(SMOL, plan, costs, net, [0, 1, 2])
-    assert p.rounds_s == pytest.approx(2 * 30 * (0.004 + ROUND_S))  # d2's link to hub 0 is the slowest
+    assert p.rounds_s == pytest.approx(2 * 30 * (0.004 + ROUND_S + JOB_S))  # d2's link to hub 0 is the slowest
     per_layer = max((sum(block_bytes(SMOL, s, "bfloat16"))) / (5 * GB) + 2 * 100e-6 for s in plan.shards)
     assert p.compute_s == pytest.approx(30 * per_layer)
 

@@ -10,8 +10,8 @@ of one, a hybrid several stages of several; a single device is one stage of one)
   plus the software time of a step message in and a result out (HOP_S).
 - compute: L_s layers, each the slowest member's (weight bytes of its share of the layer / its decode bandwidth +
   2 x its fixed time per phase: the per-op dispatch that a small layer's matmuls do not hide).
-- rounds (stages of more than one device): two star allreduces per layer, each the hub's round trip to its
-  farthest worker plus the software time of a round (ROUND_S).
+- rounds (stages of more than one device): two star allreduces per layer, each the slowest worker's round trip
+  to the hub plus the software time of a round and of its phase's compute job (ROUND_S, JOB_S).
 - disk: a device whose budget is below its share streams the rest of it from storage every token, at its read
   rate, overlapped with compute (the window prefetches).
 
@@ -30,12 +30,14 @@ from ..errors import PlanError
 from ..model.config import ModelConfig
 from .plan import DeviceSpec, Plan, Sizes, block_bytes, staged_plan
 
-# software time of one star allreduce round beyond the wire: scripts/bench_mesh.py, N=2 on loopback, 2-8 KB
-# (star p50 minus the TCP ping-pong: 240-305 us on this 2-core machine, where both members share the cores)
-ROUND_S = 250e-6
-# a step message in and its result out at one stage (framing, sealing, the executor hops): measured as the
-# difference between a one-device mesh and the same device computing alone (SmolLM2, loopback)
-HOP_S = 600e-6
+# software time of one star allreduce round beyond the wire: scripts/bench_mesh.py, N=2 on loopback, 2-8 KB: star
+# p50 minus the TCP ping-pong, 240-305 us; in whole steps on the testbed (scripts/bench_plan.py, tensor-parallel
+# pairs) a round cost ~0.7 ms over the link's round trip, of which JOB_S is the phase's executor hop
+ROUND_S = 500e-6
+JOB_S = 200e-6  # a phase run as its own compute job (a member of a group): loop -> compute thread -> loop
+# a step message in and its result out at one stage (framing, sealing): a one-device mesh's step round trip minus
+# the device's compute (SmolLM2, loopback: 0.2-0.5 ms)
+HOP_S = 400e-6
 # a phase's fixed cost (tens of small ops, each a Python dispatch) when a device did not measure its own
 PHASE_S = 200e-6
 READ_RATE = 400e6  # bytes/s of storage for streamed blocks when a device did not measure its own
@@ -127,7 +129,7 @@ def predict(config: ModelConfig, plan: Plan, costs: Sequence[DeviceCost], net: N
         wire = 0.0
         if len(ranks) > 1:
             far = max(net.pairs[index[r]][index[hub]] for r in ranks if r != hub)
-            wire = 2 * layers * (far + ROUND_S)
+            wire = 2 * layers * (far + ROUND_S + JOB_S)
         hop = (max(net.origin[index[r]] for r in ranks) + net.origin[index[hub]]) / 2 + HOP_S
         stage = max(layers * per_layer + wire, stage_disk)
         compute += layers * per_layer

@@ -16,7 +16,7 @@ import torch
 
 log = logging.getLogger("meshllm.probe")
 
-PROBE_VERSION = 2  # 2: per weight kind, the fixed time and byte rate of a decode phase
+PROBE_VERSION = 3  # 2: per weight kind, the fixed time and byte rate of a decode phase; 3: over 8 large layers
 
 
 def _cpu_model() -> str:

@@ -35,6 +35,9 @@ from .tensors import from_record, to_record
 log = logging.getLogger("meshllm.mesh")
 
 PINGS = 3  # round trips timed per pair when planning (the median counts)
+# the decode loop's own time per token besides the head (two compute-job hops, the stop checks, detokenizing):
+# a one-device SmolLM2 mesh's token minus its step round trip minus the head, 2.5-3 ms here
+LOOP_S = 2.5e-3
 UNREACHABLE_S = 10.0  # the round trip counted for a pair of devices that cannot reach each other
 CONTROL_QUEUE = 16  # control replies a device may have outstanding; more is a protocol violation
 CHUNK = 2**20  # bytes of a block file per `slice` frame (a device holds about two at a time while it writes)
@@ -197,14 +200,14 @@ class MeshEngine(Originator):
 
     def _time_origin(self) -> float:
         """This originator's own time per token: embedding a token, the LM head and greedy sampling (median of a
-        few, on the compute thread)."""
+        few, on the compute thread), and the decode loop around them."""
         runs = []
         for i in range(5):
             t0 = time.perf_counter()
             x = self._embed([i])
             int(self._logits(x).argmax())
             runs.append(time.perf_counter() - t0)
-        return statistics.median(runs[1:])
+        return statistics.median(runs[1:]) + LOOP_S
 
     def _keep_members(self, used: list[int]) -> None:
         """The plan's devices become the members, in its rank order; the others are let go."""
