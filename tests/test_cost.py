@@ -148,3 +148,28 @@ def test_more_stages_than_layers_are_not_offered():
     assert all(len(c.stages) <= 2 for c in cands)
     with pytest.raises(PlanError, match="layers per stage"):
         staged_plan(small, [DeviceSpec("a"), DeviceSpec("b")], "float32", [[0], [1]], [2, 1])
+
+
+def test_devices_on_one_machine_share_its_memory_and_cores():
+    # two `join`s on one 2-core box: splitting a layer between them reads the same bytes through one memory bus
+    net = Network.uniform(2, 0.0001)
+    apart = [DeviceCost(f"d{i}", 4 * GB, phase_s=100e-6) for i in range(2)]
+    together = [DeviceCost(f"d{i}", 4 * GB, phase_s=100e-6, host="box", threads=1, cores=2) for i in range(2)]
+    plan = staged_plan(TINY, [DeviceSpec("d0", 4.0), DeviceSpec("d1", 4.0)], "bfloat16", [[0, 1]])
+    full = sum(block_bytes(TINY, make_plan(TINY, [DeviceSpec("x")], "bfloat16").shards[0], "bfloat16"))
+    p_apart = predict(TINY, plan, apart, net, [0, 1])
+    p_together = predict(TINY, plan, together, net, [0, 1])
+    half = max(sum(block_bytes(TINY, s, "bfloat16")) for s in plan.shards)
+    assert p_apart.compute_s == pytest.approx(22 * (half / (4 * GB) + 2 * 100e-6))
+    both = sum(sum(block_bytes(TINY, s, "bfloat16")) for s in plan.shards)  # kv rows replicated: a little over one
+    assert both >= full and p_together.compute_s == pytest.approx(22 * (both / (4 * GB) + 2 * 100e-6))
+    # four single-thread devices on two cores: the fixed time per phase doubles too
+    four = [DeviceCost(f"d{i}", 4 * GB, phase_s=100e-6, host="box", threads=1, cores=2) for i in range(4)]
+    plan4 = staged_plan(TINY, [DeviceSpec(f"d{i}", 4.0) for i in range(4)], "bfloat16", [[0, 1, 2, 3]])
+    p4 = predict(TINY, plan4, four, Network.uniform(4, 0.0001), [0, 1, 2, 3])
+    both4 = sum(sum(block_bytes(TINY, s, "bfloat16")) for s in plan4.shards)
+    assert p4.compute_s == pytest.approx(22 * (both4 / (4 * GB) + 2 * 100e-6 * 2))
+    # so on one machine the planner keeps the model on one device; on four machines it splits it
+    assert choose(TINY, "bfloat16", four, Network.uniform(4, 0.0001))[0].kind == "single"
+    apart4 = [DeviceCost(f"d{i}", 4 * GB, phase_s=100e-6) for i in range(4)]
+    assert choose(TINY, "bfloat16", apart4, Network.uniform(4, 0.0001))[0].kind == "tp"

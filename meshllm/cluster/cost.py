@@ -9,7 +9,9 @@ of one, a hybrid several stages of several; a single device is one stage of one)
   originator relays between stages): half the slowest member's round trip to the originator plus half the hub's,
   plus the software time of a step message in and a result out (HOP_S).
 - compute: L_s layers, each the slowest member's (weight bytes of its share of the layer / its decode bandwidth +
-  2 x its fixed time per phase: the per-op dispatch that a small layer's matmuls do not hide).
+  2 x its fixed time per phase: the per-op dispatch that a small layer's matmuls do not hide). Members that run
+  on one machine share it: their bytes add up at one device's rate, and their fixed time grows when their
+  threads outnumber its cores.
 - rounds (stages of more than one device): two star allreduces per layer, each the slowest worker's round trip
   to the hub plus the software time of a round and of its phase's compute job (ROUND_S, JOB_S).
 - disk: a device whose budget is below its share streams the rest of it from storage every token, at its read
@@ -56,6 +58,9 @@ class DeviceCost:
     phase_s: float = PHASE_S
     read_rate: float = READ_RATE
     flops: float | None = None  # matmul FLOP/s, for the prefill's prediction
+    host: str | None = None  # devices of one machine (several `join`s on one box) share its cores and memory
+    threads: int = 1
+    cores: int = 1
 
 
 @dataclass(frozen=True)
@@ -116,10 +121,15 @@ def predict(config: ModelConfig, plan: Plan, costs: Sequence[DeviceCost], net: N
     for ranks, hub in plan.groups:
         layers = len(plan.shards[ranks[0]].layers(config))
         per_layer, stage_disk, per_layer_prefill = 0.0, 0.0, 0.0
+        for same in _by_host(ranks, [costs[index[r]] for r in ranks]):
+            # members on one machine share its memory bus (their bytes add up at one device's rate) and its cores
+            cs = [costs[index[r]] for r in same]
+            busy = max(1.0, sum(c.threads for c in cs) / max(1, min(c.cores for c in cs)))
+            read = sum(sum(block_bytes(config, plan.shards[r], z)) for r in same)
+            per_layer = max(per_layer, read / min(c.bandwidth for c in cs) + 2 * max(c.phase_s for c in cs) * busy)
         for r in ranks:
             c = costs[index[r]]
             a, m = block_bytes(config, plan.shards[r], z)
-            per_layer = max(per_layer, (a + m) / c.bandwidth + 2 * c.phase_s)
             held = plan.shard_bytes[r] if plan.shard_bytes else layers * (a + m)
             if c.budget is not None and c.budget < held:
                 stage_disk = max(stage_disk, (held - c.budget) / c.read_rate)
@@ -140,6 +150,14 @@ def predict(config: ModelConfig, plan: Plan, costs: Sequence[DeviceCost], net: N
             prefill += layers * per_layer_prefill + wire + hop
     token = origin_s + compute + rounds + hops + disk
     return Prediction(token, compute, rounds, hops, disk, None if prefill is None else prefill + origin_s)
+
+
+def _by_host(ranks: Sequence[int], cs: Sequence[DeviceCost]) -> list[list[int]]:
+    """The ranks grouped by the machine they run on (a device that did not say is a machine of its own)."""
+    groups: dict = {}
+    for r, c in zip(ranks, cs):
+        groups.setdefault(c.host if c.host is not None else ("device", r), []).append(r)
+    return list(groups.values())
 
 
 def layer_weights(config: ModelConfig, shard) -> int:

@@ -82,6 +82,19 @@ def page_cache_room(weights: int) -> int | None:
     return None if avail is None else max(0, avail - weights - PAGE_CACHE_MARGIN)
 
 
+def host_id() -> str:
+    """The same for every device process of one running machine (network namespaces included), different across
+    machines: a hash of the kernel's boot id. The planner counts devices of one machine as sharing its cores and
+    memory."""
+    import hashlib
+
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = f"{platform.node()}-{os.getpid()}"  # unknown: this process is a machine of its own
+    return hashlib.sha256(b"meshllm host " + boot.encode()).hexdigest()[:16]
+
+
 def free_disk(folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     return shutil.disk_usage(folder).free

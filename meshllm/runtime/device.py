@@ -22,7 +22,7 @@ import torch
 from ..collectives.driver import StarAllreduce
 from ..errors import MeshError, MeshTimeoutError, ProtocolError
 from ..cluster.plan import block_bytes, human_bytes
-from ..discovery.probe import free_disk, page_cache_room
+from ..discovery.probe import free_disk, host_id, page_cache_room
 from ..model.config import ModelConfig
 from ..model.loader import resolve_dtype
 from ..model.shard import Shard
@@ -130,7 +130,7 @@ class Device:
         self.cache_max = cache_max  # bytes the slice cache may hold (None: half of its disk's room, set at start)
         self.read_rate = read_rate  # test hook: cap block reads at this many bytes/s (a slow disk)
         self.info = {"cores": cpu_count(), "capability": capability or float(threads or cpu_count()),
-                     "budget": budget}
+                     "budget": budget, "threads": threads or cpu_count(), "host": host_id()}
         if measured:  # the probe's numbers, for the originator's planner
             self.info["phases"] = measured.get("phases")
             self.info["flops"] = measured.get("matmul_gflops", 0) * 1e9 or None

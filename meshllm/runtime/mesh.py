@@ -104,6 +104,7 @@ class MeshEngine(Originator):
         self.req = 0
         self.step = 0
         self._pending: dict[tuple[str, Any], asyncio.Future] = {}
+        self._result_from: dict[tuple[str, Any], Link] = {}  # the stage hub each pending step's result must come from
         self._failure: BaseException | None = None
         self.forward_s: deque[float] = deque(maxlen=FORWARD_HISTORY)  # the last steps' round trips, seconds
 
@@ -358,6 +359,7 @@ class MeshEngine(Originator):
         self._kv_ids = []  # a new session: the devices hold no caches of ours
         self._failure = None
         self._pending.clear()
+        self._result_from.clear()
         self._active = False
         try:
             await self._start()
@@ -384,6 +386,9 @@ class MeshEngine(Originator):
                 # the hub's answer to a step we stopped waiting for: cancelled (the wait's cleanup may not have run
                 # yet) or aborted; only an answer to a step never sent, or a second answer, breaks the protocol
                 return
+            if waiting is not None and self._result_from.get(key) is not link:
+                raise ProtocolError(f"result for step {step} from {link.peer}, which is not the hub of the stage "
+                                    f"that step went to")
         elif kind == "abort":
             if msg["req"] == self.req:  # an abort of an earlier request (which already ended) is old news
                 self._fail(RemoteError(f"device {link.peer} stopped request {msg['req']}: {msg['reason']}"))
@@ -495,18 +500,21 @@ class MeshEngine(Originator):
     async def _one_step(self, x: torch.Tensor, start: int) -> torch.Tensor:
         t0 = time.perf_counter()
         groups = self.plan.groups
-        for i, (ranks, _) in enumerate(groups):
+        for i, (ranks, hub) in enumerate(groups):
             # stage by stage: each returns the hidden state of every position for the next (the last, of the last
             # position for the LM head)
-            x = await self._stage_step(x, start, [self.members[r].link for r in ranks], i < len(groups) - 1)
+            x = await self._stage_step(x, start, [self.members[r].link for r in ranks], self.members[hub].link,
+                                       i < len(groups) - 1)
         self.forward_s.append(time.perf_counter() - t0)
         return x
 
-    async def _stage_step(self, x: torch.Tensor, start: int, links: list[Link], every: bool) -> torch.Tensor:
+    async def _stage_step(self, x: torch.Tensor, start: int, links: list[Link], hub: Link,
+                          every: bool) -> torch.Tensor:
         self.step += 1
         key = ("result", (self.req, self.step))
         fut = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
+        self._result_from[key] = hub
         msg = {"t": "step", "session": self.session, "req": self.req, "step": self.step, "start": start,
                "x": to_record(x)}
         if every:
@@ -523,6 +531,7 @@ class MeshEngine(Originator):
                                        f"{self.timeouts.step} s") from e
         finally:
             self._pending.pop(key, None)
+            self._result_from.pop(key, None)
         out = from_record(msg["x"], "result")
         if out.shape[0] != 1 or out.shape[2] != x.shape[2] or out.shape[1] != (x.shape[1] if every else 1):
             raise ProtocolError(f"a stage returned a hidden state of shape {list(out.shape)} for one of "
@@ -573,9 +582,12 @@ def device_cost(spec: DeviceSpec, info: dict, sizes) -> DeviceCost:
     phases = info.get("phases")
     fit = phases.get(kind) if isinstance(phases, dict) else None
     fixed, rate = fit if isinstance(fit, list) and len(fit) == 2 else (None, None)
+    host = info.get("host")
     return DeviceCost(spec.name, positive(rate, positive(info.get("capability"), 1.0) * 1e9), spec.budget_bytes,
                       phase_s=positive(fixed, PHASE_S), read_rate=positive(info.get("read_rate"), READ_RATE),
-                      flops=positive(info.get("flops"), None))
+                      flops=positive(info.get("flops"), None),
+                      host=host[:64] if isinstance(host, str) and host else None,
+                      threads=int(positive(info.get("threads"), 1)), cores=int(positive(info.get("cores"), 1)))
 
 
 async def gather_or_cancel(*aws) -> list:
