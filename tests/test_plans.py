@@ -3,6 +3,8 @@ ids of one process holding the model; the planner's choice and forced kinds; re-
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import pytest_asyncio
 
@@ -106,3 +108,52 @@ async def test_a_kind_that_needs_more_devices_is_refused_before_loading(cluster,
     with pytest.raises(PlanError, match="hybrid plan needs at least 3 devices, and 2 answered"):
         async with MeshEngine(folder, addresses[:2], secret, plan="hybrid"):
             pass
+
+
+async def test_a_pipeline_stage_under_a_memory_budget_streams_and_keeps_the_ids(deep, tmp_path):
+    """Both stages of a pipeline hold a window of their blocks (a budget of a few blocks): each streams its layers
+    from its slice cache every token, prefetching while the other stage computes, and the ids do not change."""
+    from meshllm.cluster.plan import DeviceSpec, block_bytes, staged_plan
+
+    folder, expected = deep
+    secret = local_secret()
+    async with LocalCluster(2, secret, threads=1, log_dir=tmp_path, memory_budget=BUDGET) as addresses:
+        async with MeshEngine(folder, addresses, secret, layout=([[0], [1]], [4, 2])) as mesh:
+            config = mesh.config
+            plan = staged_plan(config, [DeviceSpec("a"), DeviceSpec("b")], mesh.sizes, [[0], [1]], [4, 2])
+            assert all(max(block_bytes(config, s, mesh.sizes)) < BUDGET < b for s, b in
+                       zip(plan.shards, plan.shard_bytes))  # a block fits, the stage's share does not
+            for _ in range(2):
+                result = await mesh.generate(PROMPT, PARAMS, chat=False)
+                assert result.token_ids == expected
+            devices = await mesh.devices()
+            for d in devices[1:]:
+                assert d["disk_read_bytes"] > d["weight_bytes"]  # streamed again each token, not held
+                assert d["resident_weight_bytes"] <= BUDGET
+
+
+BUDGET = 300 * 1024  # bytes: the largest block of the deep test model is 136 KiB, the smaller stage 337 KiB
+
+
+@pytest.mark.slow
+async def test_mesh_replans_from_tensor_parallel_to_one_device_when_one_leaves(deep, tmp_path):
+    """`Mesh(plan="tp")` over two discovered devices; one leaves between requests: the next request runs on a new
+    plan of another kind (tensor parallelism needs two: the planner's choice, said once) with the same ids."""
+    from helpers.devices import LOOPBACK, join_all
+
+    from meshllm import Mesh
+
+    folder, expected = deep
+    secret = "replan-" + tmp_path.name
+    devices = await join_all([("r-1", secret, 1.0), ("r-2", secret, 2.0)], tmp_path)
+    try:
+        async with Mesh(folder, secret=secret, min_devices=2, timeout=20, interface=LOOPBACK, plan="tp") as m:
+            kinds = [m.plan.kind]
+            first = await m.generate(PROMPT, max_tokens=N_NEW, ignore_eos=True, chat=False)
+            await devices[0].stop()  # a clean leave: its link closes, its record goes
+            second = await m.generate(PROMPT, max_tokens=N_NEW, ignore_eos=True, chat=False)
+            kinds.append(m.plan.kind)
+            assert first.token_ids == second.token_ids == expected
+            assert kinds == ["tp", "single"] and [d["node_id"] for d in m.devices] == ["r-2"]
+    finally:
+        await asyncio.gather(*(d.stop() for d in devices))

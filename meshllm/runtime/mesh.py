@@ -335,21 +335,29 @@ class MeshEngine(Originator):
             # a new plan over the same devices would wait the same way
         log.warning("%s: re-planning over %d device(s) and resuming the request", error, len(alive))
         skip, self.skip_unreachable = self.skip_unreachable, True  # one that stopped answering is left out
-        kind = self.plan_kind
         try:
-            try:
-                await self._replan(alive)
-            except PlanError as e:
-                if kind in (None, "auto"):
-                    raise
-                log.warning("%s: resuming on the planner's choice instead of a %s plan", e, kind)
-                self.plan_kind = "auto"
-                await self._replan(alive)
+            await self._replan(alive)
         finally:
-            self.skip_unreachable, self.plan_kind = skip, kind
+            self.skip_unreachable = skip
         return bool(self.members)
 
     async def _replan(self, devices: Sequence[str]) -> None:
+        """A new plan over `devices`; a forced kind they can no longer make (a device left) gives way to the
+        planner's choice, said once."""
+        kind = self.plan_kind
+        try:
+            await self._replan_as(devices)
+        except PlanError as e:
+            if kind in (None, "auto"):
+                raise
+            log.warning("%s: planning as auto instead of %s over the devices left", e, kind)
+            self.plan_kind = "auto"
+            try:
+                await self._replan_as(devices)
+            finally:
+                self.plan_kind = kind
+
+    async def _replan_as(self, devices: Sequence[str]) -> None:
         await self._stop()
         self.idle = {}
         self.addresses = list(devices)
