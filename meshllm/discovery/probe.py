@@ -16,7 +16,8 @@ import torch
 
 log = logging.getLogger("meshllm.probe")
 
-PROBE_VERSION = 3  # 2: per weight kind, the fixed time and byte rate of a decode phase; 3: over 8 large layers
+PROBE_VERSION = 4  # 2: per weight kind, the fixed time and byte rate of a decode phase; 3: over 8 large layers;
+# 4: the storage read rate
 
 
 def _cpu_model() -> str:
@@ -131,6 +132,34 @@ def measure(threads: int, seconds: float = 0.25) -> dict:
             "phases": {k: [round(f, 7), round(r)] for k, (f, r) in phases.items()}}
 
 
+def storage_read_rate(folder: Path, size: int = 64 << 20) -> float | None:
+    """Bytes per second read from the storage under `folder` with the page cache out of the way: a file written,
+    synced, its cached pages dropped, then read back in 1 MiB chunks (what a window's streamed blocks do). None when
+    it cannot be measured (no room, no write access)."""
+    from ..scheduler.slices import drop_cached_pages
+
+    path = Path(folder) / f".read-probe-{os.getpid()}"
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        chunk = os.urandom(1 << 20)  # incompressible, in case the file system compresses
+        with open(path, "wb") as f:
+            for _ in range(size >> 20):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        drop_cached_pages(path)
+        t0 = time.perf_counter()
+        with open(path, "rb", buffering=0) as f:
+            while f.read(1 << 20):
+                pass
+        return size / max(time.perf_counter() - t0, 1e-6)
+    except OSError as e:
+        log.warning("could not measure the storage read rate under %s: %s", folder, e)
+        return None
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def capability(cache_folder: Path, threads: int, refresh: bool = False) -> dict:
     """The measured numbers for this CPU and thread count, from the cache when measured before."""
     key = {"probe": PROBE_VERSION, "cpu": _cpu_model(), "threads": threads, "torch": torch.__version__}
@@ -144,6 +173,9 @@ def capability(cache_folder: Path, threads: int, refresh: bool = False) -> dict:
             pass
     t0 = time.perf_counter()
     result = measure(threads)
+    rate = storage_read_rate(cache_folder)
+    if rate:
+        result["read_bps"] = round(rate)
     log.info("capability probe: %.1f GB/s GEMV, %.0f GFLOP/s matmul (%.2f s)", result["gemv_gbps"],
              result["matmul_gflops"], time.perf_counter() - t0)
     try:

@@ -134,6 +134,9 @@ class Device:
         if measured:  # the probe's numbers, for the originator's planner
             self.info["phases"] = measured.get("phases")
             self.info["flops"] = measured.get("matmul_gflops", 0) * 1e9 or None
+            self.info["read_rate"] = measured.get("read_bps")
+        if read_rate:  # reads capped (a slow disk, for tests): the planner sees the cap
+            self.info["read_rate"] = min(read_rate, self.info.get("read_rate") or read_rate)
         self.links: set[Link] = set()
         self.sessions: dict[str, Session] = {}
         self._refusals: dict[str, float] = {}  # address -> when its refusal was last logged
