@@ -231,6 +231,7 @@ async def test_device_keeps_serving_its_sockets_while_it_computes(make_model, tm
                                                      f"ended {done - sent:.2f} s after the ping")
 
 
+@pytest.mark.slow  # 15 s; the default run keeps the killed-device cases
 async def test_a_hung_device_is_found_by_its_silence_and_idle_links_stay_open(make_model, tmp_path, caplog):
     """A device that stops answering without closing its sockets (a hang, a closed laptop lid, a cable pulled with
     no FIN) is found within Timeouts.silence, mid-request, and named: not after the 120 s step timeout. Links with
