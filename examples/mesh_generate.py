@@ -15,6 +15,8 @@ from meshllm import Mesh
 async def main() -> None:
     prompt = sys.argv[1] if len(sys.argv) > 1 else "Name three rivers in Europe."
     async with Mesh(timeout=5) as m:
+        if m.plan is not None:
+            print(f"plan: {m.plan.describe()}", file=sys.stderr)
         for d in m.devices:
             print(f"  {d['node_id']:<16} {d['address']:<22} {d['role']:<7} share {d['share']:.2f}", file=sys.stderr)
         result = await m.generate(prompt, max_tokens=96)

@@ -358,7 +358,7 @@ class Mesh:
                 layers = plan.shards[rank].layers(self._engine.config)
                 d["layers"] = [layers.start, layers.stop]
             elif plan is not None:
-                d["role"] = "idle"  # answered, but the fastest plan does without it
+                d["role"], d["share"] = "idle", 0.0  # answered, but the fastest plan does without it
             out.append(d)
         return out
 

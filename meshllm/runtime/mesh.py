@@ -329,8 +329,9 @@ class MeshEngine(Originator):
     async def recover(self, error: BaseException) -> bool:
         """A device was lost mid-request (`error`): a new plan over the devices still here, so the request goes on
         (the decode loop feeds the prompt and the tokens so far to it). False when none is left."""
-        alive = [m.address for m in self.members if m.link.is_open]
-        if not alive or isinstance(error, MeshTimeoutError) and len(alive) == len(self.members):
+        open_members = [m.address for m in self.members if m.link.is_open]
+        alive = open_members + [a for a in self.idle if a not in open_members]  # idle devices answered too
+        if not alive or isinstance(error, MeshTimeoutError) and len(open_members) == len(self.members):
             return False  # no device left; or a step timed out with every device still answering (and beating):
             # a new plan over the same devices would wait the same way
         log.warning("%s: re-planning over %d device(s) and resuming the request", error, len(alive))
