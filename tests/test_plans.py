@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 import pytest_asyncio
+import torch
 
 from helpers.checkpoints import VARIANTS
 from meshllm.generation.sampling import SamplingParams
@@ -157,3 +158,26 @@ async def test_mesh_replans_from_tensor_parallel_to_one_device_when_one_leaves(d
             assert kinds == ["tp", "single"] and [d["node_id"] for d in m.devices] == ["r-2"]
     finally:
         await asyncio.gather(*(d.stop() for d in devices))
+
+
+async def test_a_result_from_the_wrong_stage_hub_is_a_protocol_error(deep):
+    """A step's result must come from the hub of the stage the step went to: any other member's (an erring or
+    hostile device of another stage) breaks the protocol on that link, and the step keeps waiting for its hub."""
+    from types import SimpleNamespace
+
+    from meshllm.errors import ProtocolError
+    from meshllm.runtime.tensors import to_record
+
+    folder, _ = deep
+    mesh = MeshEngine(folder, ["127.0.0.1:9"], b"secret-unused-here")  # not entered: only its message handling
+    mesh.req, mesh.step = 1, 2
+    hub, other = SimpleNamespace(peer="stage-1-hub"), SimpleNamespace(peer="stage-0-hub")
+    key = ("result", (1, 2))
+    fut = asyncio.get_running_loop().create_future()
+    mesh._pending[key], mesh._result_from[key] = fut, hub
+    msg = {"t": "result", "session": mesh.session, "req": 1, "step": 2, "x": to_record(torch.zeros(1, 1, 64))}
+    with pytest.raises(ProtocolError, match="from stage-0-hub, which is not the hub of the stage"):
+        mesh._on_message(other, msg)
+    assert not fut.done()
+    mesh._on_message(hub, msg)
+    assert fut.done() and fut.result() is msg
