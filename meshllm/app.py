@@ -44,7 +44,9 @@ class Mesh:
     $MESHLLM_INTERFACE, else every interface). quantize: the weight format, as `--quantize` (default:
     $MESHLLM_QUANTIZE, else the model's own: a quantized GGUF kept packed, anything else dense). prefix_cache:
     keep the KV cache of the last request on the devices, so a prompt that starts with it (the next turn of a
-    chat) computes only what follows (default True; the same output in fp32, see the README for bf16).
+    chat) computes only what follows (default True; the same output in fp32, see the README for bf16). plan:
+    'auto' (default, or $MESHLLM_PLAN) runs the plan the cost model predicts fastest over the devices found and
+    their measured links; 'single', 'tp', 'pipeline' or 'hybrid' forces that kind over every device.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, secret: str | bytes | None = None,
