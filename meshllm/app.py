@@ -21,7 +21,6 @@ import os
 import time
 from typing import AsyncIterator, Sequence
 
-from .cluster.cost import KINDS
 from .discovery.records import PeerRecord, mesh_id
 from .errors import MeshError, MeshTimeoutError
 from .generation.loop import Result
@@ -69,8 +68,8 @@ class Mesh:
         self.quantize = quantize or os.environ.get("MESHLLM_QUANTIZE") or None
         self.prefix_cache = prefix_cache
         self.plan_kind = plan or os.environ.get("MESHLLM_PLAN") or "auto"
-        if self.plan_kind not in ("auto", *KINDS):
-            raise MeshError(f"plan must be auto, {', '.join(KINDS)}, got {self.plan_kind!r}")
+        if self.plan_kind not in ("auto", "single", "tp", "pipeline", "hybrid"):
+            raise MeshError(f"plan must be auto, single, tp, pipeline or hybrid, got {self.plan_kind!r}")
         self.mesh_id: str | None = None
         self.ready_s = 0.0  # entering the context: discovery + plan + load
         self._browser = None

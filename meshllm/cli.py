@@ -117,9 +117,7 @@ def _engine_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--discover-timeout", type=float, default=5.0, metavar="S",
                    help="when discovering: seconds to wait for devices (default 5)")
     g.add_argument("--interface", metavar="IP", help="when discovering: browse on this address only")
-    from .cluster.cost import KINDS
-
-    g.add_argument("--plan", choices=["auto", *KINDS], default="auto",
+    g.add_argument("--plan", choices=["auto", "single", "tp", "pipeline", "hybrid"], default="auto",
                    help="how the model is laid over the devices: the fastest plan the cost model predicts from the "
                         "devices' measured bandwidth and round trips (auto, the default), or the fastest of one "
                         "kind: one device, tensor parallel, a pipeline of layer ranges, or a pipeline of "

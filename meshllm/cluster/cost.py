@@ -128,7 +128,9 @@ def predict(config: ModelConfig, plan: Plan, costs: Sequence[DeviceCost], net: N
             read = sum(sum(block_bytes(config, plan.shards[r], z)) for r in same)
             per_layer = max(per_layer, read / min(c.bandwidth for c in cs) + 2 * max(c.phase_s for c in cs) * busy)
         for r in ranks:
-            c, held = costs[index[r]], plan.shard_bytes[r]
+            c = costs[index[r]]
+            a, m = block_bytes(config, plan.shards[r], z)
+            held = plan.shard_bytes[r] if plan.shard_bytes else layers * (a + m)
             if c.budget is not None and c.budget < held:
                 stage_disk = max(stage_disk, (held - c.budget) / c.read_rate)
             if prefill is not None:  # 2 FLOPs a weight a token

@@ -261,7 +261,7 @@ def staged_plan(config: ModelConfig, devices: Sequence[DeviceSpec], dtype: "str 
                         f"{config.num_layers}")
     shards, specs, groups, hubs, sizes, first = [], [], [], [], [], 0
     for st, count in zip(stages, layers):
-        sub = make_plan(config, [devices[i] for i in st], z)  # refuses a budget below one block
+        sub = make_plan(config, [devices[i] for i in st], z)
         if len(stages) > 1:
             sub_shards = [dataclasses.replace(sh, layer_start=first, layer_stop=first + count) for sh in sub.shards]
         else:
@@ -272,6 +272,11 @@ def staged_plan(config: ModelConfig, devices: Sequence[DeviceSpec], dtype: "str 
         specs += [devices[i] for i in st]
         sizes += [layer_bytes(config, sh, z) for sh in sub_shards]
         first += count
+    for spec, sh in zip(specs, shards):  # a stage's devices hold fewer layers: the same per-block check
+        smallest = max(block_bytes(config, sh, z))
+        if spec.budget_bytes is not None and spec.budget_bytes < smallest:
+            raise PlanError(f"device {spec.name}'s memory budget of {human_bytes(spec.budget_bytes)} cannot hold "
+                            f"one block of its share ({human_bytes(smallest)})")
     if len(stages) == 1:
         return Plan(tuple(shards), tuple(specs), hubs[0], z, tuple(sizes))
     return Plan(tuple(shards), tuple(specs), hubs[0], z, tuple(sizes), tuple(groups), tuple(hubs))

@@ -694,7 +694,10 @@ class Device:
     @staticmethod
     def _layers(worker: ShardWorker, x: torch.Tensor, start: int, blocks: list) -> torch.Tensor:
         with torch.inference_mode():
-            return worker.layers(x, start, blocks)
+            for layer in range(len(blocks) // 2):
+                x = x + worker.attn(layer, x, start, blocks[2 * layer])
+                x = x + worker.mlp(layer, x, blocks[2 * layer + 1])
+            return x
 
     @staticmethod
     def _phase(worker: ShardWorker, layer: int, phase: int, x: torch.Tensor, add: torch.Tensor | None,

@@ -40,15 +40,23 @@ class LocalEngine(Originator):
     def forward_sync(self, ids: Sequence[int], start: int, all_logits: bool = False) -> torch.Tensor:
         """Logits (T or 1, V) for new tokens `ids` at positions start..; updates the KV caches."""
         with torch.inference_mode():
-            x = self.worker.layers(embed(self.head, torch.tensor([list(ids)], dtype=torch.long), self.dtype), start)
+            x = self._layers(embed(self.head, torch.tensor([list(ids)], dtype=torch.long), self.dtype), start)
             return logits(self.head, x if all_logits else x[:, -1:])[0]
+
+    def _layers(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        w = self.worker
+        for layer in range(self.config.num_layers):
+            # N=1: the allreduce of each partial is the identity
+            x = x + w.attn(layer, x, start)
+            x = x + w.mlp(layer, x)
+        return x
 
     async def _forward_hidden(self, x: torch.Tensor, start: int) -> torch.Tensor:
         return await asyncio.get_running_loop().run_in_executor(self._compute, self._hidden, x, start)
 
     def _hidden(self, x: torch.Tensor, start: int) -> torch.Tensor:
         with torch.inference_mode():
-            return self.worker.layers(x, start)[:, -1:]
+            return self._layers(x, start)[:, -1:]
 
     def _step(self, ids: list[int], start: int, sampler: Sampler) -> int:
         return sampler(self.forward_sync(ids, start)[-1])

@@ -257,7 +257,7 @@ class MeshEngine(Originator):
         ranks, hub = next(g for g in self.plan.groups if m.rank in g[0])  # its stage: ranks count from 0 there
         fields = [shard.q_start, shard.q_stop, shard.mlp_start, shard.mlp_stop, shard.owns_bias]
         if shard.partial_layers:
-            fields += [shard.layer_start, shard.layers(self.config).stop]
+            fields += [shard.layer_start, len(shard.layers(self.config)) + shard.layer_start]
         m.link.send({
             "t": "load", "session": self.session, "model_hash": self.model_hash, "config": self.config.to_dict(),
             "dtype": dtype_name, "format": str(self.format), "rank": ranks.index(m.rank), "world": len(ranks),
@@ -330,7 +330,7 @@ class MeshEngine(Originator):
         """A device was lost mid-request (`error`): a new plan over the devices still here, so the request goes on
         (the decode loop feeds the prompt and the tokens so far to it). False when none is left."""
         open_members = [m.address for m in self.members if m.link.is_open]
-        alive = open_members + list(self.idle)  # the devices the plan left idle answered too
+        alive = open_members + [a for a in self.idle if a not in open_members]  # idle devices answered too
         if not alive or isinstance(error, MeshTimeoutError) and len(open_members) == len(self.members):
             return False  # no device left; or a step timed out with every device still answering (and beating):
             # a new plan over the same devices would wait the same way
@@ -461,12 +461,10 @@ class MeshEngine(Originator):
         member.link.send(msg)
         return await self._reply(member, (reply,), timeout, what)
 
-    def _broadcast(self, msg: dict[str, Any], links: Sequence[Link] | None = None) -> None:
-        """`msg` to every member, or to `links`."""
+    def _broadcast(self, msg: dict[str, Any]) -> None:
         if self._failure is not None:
             raise self._failure
-        # a step's hidden state is encoded once, not per device
-        broadcast(links if links is not None else (m.link for m in self.members), msg)
+        broadcast((m.link for m in self.members), msg)  # a step's hidden state is encoded once, not per device
 
     # -- Backend -------------------------------------------------------------------------------------------
 
@@ -531,7 +529,9 @@ class MeshEngine(Originator):
         if every:
             msg["all"] = True
         try:
-            self._broadcast(msg, links)
+            if self._failure is not None:
+                raise self._failure
+            broadcast(links, msg)  # a step's hidden state is encoded once, not per device
             try:
                 async with asyncio.timeout(self.timeouts.step):  # not wait_for: it can drop a cancellation
                     msg = await fut
@@ -574,7 +574,7 @@ class MeshEngine(Originator):
                 "memory_budget_bytes": s["budget_bytes"], "weight_format": s.get("weight_format"),
                 "share": round(self.plan.share(m.rank, self.config), 4),
                 "q_heads": [shard.q_start, shard.q_stop], "mlp_columns": [shard.mlp_start, shard.mlp_stop],
-                "layers": [shard.layer_start, shard.layers(self.config).stop],
+                "layers": [shard.layer_start, shard.layer_start + len(shard.layers(self.config))],
                 "stage": next(i for i, (ranks, _) in enumerate(self.plan.groups) if m.rank in ranks),
             })
         return out
@@ -587,7 +587,7 @@ def device_cost(spec: DeviceSpec, info: dict, sizes) -> DeviceCost:
     def positive(v, default):
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e15 else default
 
-    kind = sizes.kind("w13").split(":")[0]  # the MLP's, most of a layer's bytes: dense, int8 or int4
+    kind = "int4" if "int4" in str(sizes) else "int8" if "int8" in str(sizes) else "dense"
     phases = info.get("phases")
     fit = phases.get(kind) if isinstance(phases, dict) else None
     fixed, rate = fit if isinstance(fit, list) and len(fit) == 2 else (None, None)

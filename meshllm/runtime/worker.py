@@ -85,14 +85,6 @@ class ShardWorker:
         """This shard's MLP partial for `layer` (its resident block, or `blk`)."""
         return mlp_partial(blk or self.mlp_blocks[layer], x)
 
-    def layers(self, x: torch.Tensor, start: int, blocks: list | None = None) -> torch.Tensor:
-        """Every layer of the shard in turn on the residual stream, when the shard is all there is of them (one
-        device alone: each partial is the whole sum). `blocks`: attention and MLP blocks in turn, else resident."""
-        for layer in range(len(self.shard.layers(self.config))):
-            x = x + self.attn(layer, x, start, blocks[2 * layer] if blocks else None)
-            x = x + self.mlp(layer, x, blocks[2 * layer + 1] if blocks else None)
-        return x
-
 
 def _random_worker(config, fmt: "Format", g: torch.Generator) -> "ShardWorker":
     """One random layer of `config` in format `fmt`, the whole of it on one worker (fp32 residual stream)."""
